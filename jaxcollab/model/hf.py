@@ -1,0 +1,356 @@
+"""Hugging Face Llama checkpoint directories <-> (LlamaConfig, params).
+
+Loading is streamed: each parameter is built with `jax.make_array_from_callback`, and each device's
+callback reads only that device's slice of the memory-mapped safetensors tensors (transposed and stacked
+over layers as it goes). No process ever materialises the whole model on the host, and in a multi-host
+run each process reads only the slices of its own devices.
+
+Saving writes config.json plus safetensors shards and `model.safetensors.index.json` into a temporary
+directory next to the target and renames it into place at the end, so a failed save leaves nothing
+behind. Only process 0 writes; in a multi-host run the other processes take part in gathering each
+tensor, one tensor at a time.
+
+The name table `_llama_tensors` is the single place where jaxcollab's parameter tree meets the
+Hugging Face tensor names (see DESIGN.md "File formats").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+from jaxcollab.model.config import LlamaConfig, dtype_name
+from jaxcollab.model.llama import param_logical_axes, param_shapes
+from jaxcollab.model.safetensors_io import CheckpointError, SafetensorsFile, TensorToWrite, write_safetensors
+from jaxcollab.model.sharding import LOGICAL_RULES, Rules, single_device_mesh, tree_shardings
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Buffers some exporters include that carry no parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One parameter leaf and the HF tensor(s) behind it.
+
+    `hf_name` contains `{layer}` for parameters stacked over layers. `transpose`: the HF tensor is the
+    transpose of the Flax kernel ([out, in] vs [in, out]).
+    """
+
+    path: tuple[str, ...]
+    hf_name: str
+    transpose: bool
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.hf_name
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        return [self.hf_name.format(layer=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+
+    def hf_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = param_shape[1:] if self.stacked else param_shape
+        return tuple(reversed(shape)) if self.transpose else tuple(shape)
+
+
+def _llama_tensors(cfg: LlamaConfig) -> list[TensorMap]:
+    layer = "model.layers.{layer}."
+    maps = [
+        TensorMap(("embed_tokens", "embedding"), "model.embed_tokens.weight", False),
+        TensorMap(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", False),
+        TensorMap(("layers", "post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", False),
+        *(
+            TensorMap(("layers", "self_attn", p, "kernel"), layer + f"self_attn.{p}.weight", True)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ),
+        *(
+            TensorMap(("layers", "mlp", p, "kernel"), layer + f"mlp.{p}.weight", True)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        ),
+        TensorMap(("norm", "scale"), "model.norm.weight", False),
+    ]
+    if not cfg.tie_word_embeddings:
+        maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", True))
+    return maps
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class CheckpointDir:
+    """The safetensors tensors of a HF model directory (single file or sharded with an index)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._files: dict[str, SafetensorsFile] = {}
+        index_path = path / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+            self.location: dict[str, str] = dict(weight_map)
+            for shard in sorted(set(self.location.values())):
+                if not (path / shard).is_file():
+                    example = next(n for n, f in self.location.items() if f == shard)
+                    raise CheckpointError(
+                        f"{index_path} lists shard {shard!r} (e.g. for tensor {example!r}) but {path / shard}"
+                        " does not exist; the download is incomplete"
+                    )
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+                hint = (
+                    f" It has {pickles}: pickle checkpoints are never loaded (they can run code); convert them"
+                    " to safetensors first." if pickles else ""
+                )
+                raise CheckpointError(f"{path}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}).{hint}")
+            self.location = {}
+            for file in files:
+                for name in self._file(file.name).names():
+                    self.location[name] = file.name
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            self._files[name] = SafetensorsFile(self.path / name)
+        return self._files[name]
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self.location:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        file = self._file(self.location[name])
+        if name not in file:
+            raise CheckpointError(
+                f"{self.path / INDEX_FILE} places tensor {name!r} in {file.path.name}, which does not contain it"
+            )
+        return file.tensor(name)
+
+    def source_of(self, name: str) -> str:
+        return str(self.path / self.location.get(name, "?"))
+
+
+def _slice_reader(
+    ckpt: CheckpointDir, tmap: TensorMap, num_layers: int, dtype: np.dtype
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A `make_array_from_callback` callback: reads one device's index of the stacked/transposed param."""
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if tmap.stacked:
+            layers = range(num_layers)[index[0]]
+            inner = index[1:]
+        else:
+            layers, inner = [None], index
+        pieces = []
+        for layer in layers:
+            src = ckpt.tensor(tmap.hf_name.format(layer=layer)) if tmap.stacked else ckpt.tensor(tmap.hf_name)
+            piece = src[tuple(reversed(inner))].T if tmap.transpose else src[inner]
+            pieces.append(np.asarray(piece, dtype=dtype))
+        return np.stack(pieces) if tmap.stacked else pieces[0]
+
+    return read
+
+
+def _check_shapes(
+    ckpt: CheckpointDir, cfg: LlamaConfig, tmaps: list[TensorMap], shapes: dict, config_path: Path
+) -> None:
+    present = set(ckpt.names())
+    missing = [n for t in tmaps for n in t.hf_names(cfg.num_layers) if n not in present]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{ckpt.path}: tensors required by {config_path} are missing: {shown}")
+    for tmap in tmaps:
+        expected = tmap.hf_shape(_get(shapes, tmap.path).shape)
+        for name in tmap.hf_names(cfg.num_layers):
+            actual = ckpt.tensor(name).shape
+            if tuple(actual) != expected:
+                raise CheckpointError(
+                    f"{ckpt.source_of(name)}: tensor {name!r} has shape {list(actual)} but {config_path}"
+                    f" (hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size},"
+                    f" heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim},"
+                    f" vocab_size={cfg.vocab_size}) implies {list(expected)}"
+                )
+    used = {n for t in tmaps for n in t.hf_names(cfg.num_layers)}
+    unused = sorted(n for n in present - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unused:
+        logger.warning("%s: ignoring %d tensors not used by a Llama model, e.g. %s", ckpt.path, len(unused), unused[:4])
+
+
+def load_hf(
+    path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    *,
+    compute_dtype: Any = None,
+    rules: Rules = LOGICAL_RULES,
+    **runtime: Any,
+) -> tuple[LlamaConfig, dict]:
+    """Load a HF Llama directory into (cfg, params) with parameters stored in `dtype`.
+
+    With `mesh`, every parameter is created directly with its `NamedSharding` (from the logical-axis
+    `rules`), each device's slice read straight from the safetensors files. Without one, parameters land
+    on the default device. `compute_dtype` (default: `dtype`) and other `runtime` fields (e.g.
+    `remat_policy`) go into the returned config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory; load_hf expects a Hugging Face model directory")
+    storage = dtype_name(dtype)
+    cfg = LlamaConfig.from_pretrained_dir(
+        path, param_dtype=storage, dtype=dtype_name(compute_dtype or dtype), **runtime
+    )
+    ckpt = CheckpointDir(path)
+    tmaps = _llama_tensors(cfg)
+    shapes = param_shapes(cfg)
+    _check_shapes(ckpt, cfg, tmaps, shapes, path / "config.json")
+
+    mesh = mesh or single_device_mesh()
+    shardings = tree_shardings(param_logical_axes(cfg), shapes, mesh, rules)
+    np_dtype = np.dtype(cfg.storage_dtype)
+    params: dict = {}
+    for tmap in tmaps:
+        shape = _get(shapes, tmap.path).shape
+        sharding: NamedSharding = _get(shardings, tmap.path)
+        array = jax.make_array_from_callback(shape, sharding, _slice_reader(ckpt, tmap, cfg.num_layers, np_dtype))
+        _set(params, tmap.path, array)
+    return cfg, params
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _host_array(value: jax.Array, layer: int | None) -> np.ndarray:
+    """One (layer of a) parameter gathered to host memory; a collective in multi-host runs."""
+    x = value[layer] if layer is not None else value
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _tensors_to_write(cfg: LlamaConfig, params: dict, np_dtype: np.dtype) -> Iterator[TensorToWrite]:
+    for tmap in _llama_tensors(cfg):
+        value = _get(params, tmap.path)
+        names = tmap.hf_names(cfg.num_layers)
+        for i, name in enumerate(names):
+            layer = i if tmap.stacked else None
+
+            def produce(value: jax.Array = value, layer: int | None = layer, tmap: TensorMap = tmap) -> np.ndarray:
+                host = _host_array(value, layer)
+                return (host.T if tmap.transpose else host).astype(np_dtype)
+
+            yield TensorToWrite(name, tmap.hf_shape(tuple(value.shape)), np_dtype, produce)
+
+
+def _validate_params(cfg: LlamaConfig, params: dict) -> None:
+    expected = param_shapes(cfg)
+    exp_paths = {tuple(k.key for k in p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got_paths = {tuple(k.key for k in p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted(set(exp_paths) - set(got_paths))
+    extra = sorted(set(got_paths) - set(exp_paths))
+    if missing or extra:
+        raise ValueError(
+            f"params do not match the config: missing {['/'.join(p) for p in missing]},"
+            f" unexpected {['/'.join(p) for p in extra]}"
+        )
+    for p, shape in exp_paths.items():
+        if tuple(got_paths[p]) != tuple(shape):
+            raise ValueError(f"params['{'/'.join(p)}'] has shape {got_paths[p]} but the config implies {shape}")
+
+
+def save_hf(
+    cfg: LlamaConfig,
+    params: dict,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write a HF Llama directory loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+
+    Tensors are stored in `dtype` (default: the config's storage dtype). The directory appears complete
+    or not at all. An existing non-empty `out_dir` is an error unless `overwrite`.
+    """
+    out_dir = Path(out_dir)
+    _validate_params(cfg, params)
+    np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(cfg.storage_dtype)
+    writer = jax.process_index() == 0
+    if writer and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+
+    tensors = list(_tensors_to_write(cfg, params, np_dtype))
+    shards: list[list[TensorToWrite]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+
+    tmp = None
+    if writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result should be readable like any model directory
+    try:
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            if writer:
+                write_safetensors(tmp / file_name, shard, {"format": "pt"})
+            else:  # take part in the gathers without writing
+                for t in shard:
+                    t.produce()
+            weight_map.update({t.name: file_name for t in shard})
+        if writer:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            hf_config = cfg.to_hf_dict(torch_dtype=dtype_name(np_dtype))
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            _replace_dir(tmp, out_dir)
+            tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_hf:{out_dir}")
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an existing `dst` is swapped out and removed."""
+    if dst.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, trash / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)

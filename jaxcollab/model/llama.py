@@ -1,0 +1,316 @@
+"""Llama 3 in Flax (linen): embeddings, RMSNorm, grouped-query attention with RoPE, SwiGLU, scanned layers.
+
+Design:
+- Parameters are a plain nested dict whose names mirror Hugging Face's module names, so the mapping to
+  checkpoints is a table (see `hf.py`): `embed_tokens/embedding [V, d]`, `layers/self_attn/q_proj/kernel
+  [L, d, H*hd]` (a Flax kernel is the transpose of the torch weight), ..., `norm/scale [d]`,
+  `lm_head/kernel [d, V]` (absent when the embeddings are tied).
+- The decoder layer is compiled once and scanned over depth (`nn.scan`); its parameters carry a leading
+  `layers` axis. The layer can be rematerialised with a named policy (`LlamaConfig.remat_policy`).
+- Storage dtype (`param_dtype`) and compute dtype (`dtype`) are independent; norms, RoPE, softmax and the
+  logits are computed in float32 whatever the compute dtype.
+- Every parameter carries logical axis names; activations are constrained with logical names too when a
+  mesh is active (`jax.set_mesh`). The names become mesh axes only through `sharding.LOGICAL_RULES`.
+- Attention goes through `jax.nn.dot_product_attention`, so fused kernels are used where the platform has
+  them; padding masks, packed sequences (segment ids) and explicit positions are supported.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import AxisType
+
+from jaxcollab.model.config import LlamaConfig
+from jaxcollab.model.sharding import LOGICAL_RULES, logical_to_spec
+
+Array = jax.Array
+_INIT = nn.initializers.normal(stddev=0.02)  # what transformers uses (initializer_range=0.02)
+
+_PRECISION = {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+def constrain(x: Array, logical: tuple[str | None, ...]) -> Array:
+    """Sharding constraint from logical names, applied only under an active auto-sharded mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, LOGICAL_RULES, x.shape, mesh))
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim / 2] in float32, with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(
+        np.float32
+    )
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = (2 * np.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq).astype(np.float32)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE (the Hugging Face layout) on x [B, T, N, hd] at integer positions [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """Bias-free dense layer with a logically named [in, out] kernel, computed in the compute dtype."""
+
+    features: int
+    axes: tuple[str, str]
+    cfg: LlamaConfig
+    out_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(_INIT, self.axes), (x.shape[-1], self.features),
+            self.cfg.storage_dtype,
+        )
+        dtype = self.cfg.compute_dtype
+        return jnp.einsum(
+            "...i,io->...o", x.astype(dtype), kernel.astype(dtype),
+            precision=_PRECISION[self.cfg.precision], preferred_element_type=self.out_dtype,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, normalised in float32 and scaled in the compute dtype (as transformers)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+            self.cfg.storage_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        dtype = self.cfg.compute_dtype
+        return normed.astype(dtype) * scale.astype(dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, d]; rows are gathered first, then cast to the compute dtype."""
+
+    cfg: LlamaConfig
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.hidden_size), self.cfg.storage_dtype,
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output head: x [.., d] @ embedding.T, accumulated in float32."""
+        dtype = self.cfg.compute_dtype
+        return jnp.einsum(
+            "...d,vd->...v", x.astype(dtype), self.embedding.astype(dtype),
+            precision=_PRECISION[self.cfg.precision], preferred_element_type=jnp.float32,
+        )
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = Linear(cfg.num_heads * hd, ("embed", "q_heads"), cfg, name="q_proj")(x)
+        k = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, name="k_proj")(x)
+        v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, name="v_proj")(x)
+        q = checkpoint_name(q, "qkv_proj").reshape(b, t, cfg.num_heads, hd)
+        k = checkpoint_name(k, "qkv_proj").reshape(b, t, cfg.num_kv_heads, hd)
+        v = checkpoint_name(v, "qkv_proj").reshape(b, t, cfg.num_kv_heads, hd)
+        inv_freq = rope_inv_freq(cfg)
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", "act_head_dim"))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "act_head_dim"))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+        out = out.reshape(b, t, cfg.num_heads * hd)
+        return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, name="o_proj")(out)
+
+
+class Mlp(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals; the body of the layer scan."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array | None) -> tuple[Array, None]:
+        h = RMSNorm(self.cfg, name="input_layernorm")(x)
+        x = x + Attention(self.cfg, name="self_attn")(h, positions, mask)
+        h = RMSNorm(self.cfg, name="post_attention_layernorm")(x)
+        x = x + Mlp(self.cfg, name="mlp")(h)
+        return constrain(x, ("batch", "length", "act_embed")), None
+
+
+class Llama(nn.Module):
+    """Token ids [B, T] -> float32 logits [B, T, V]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array, mask: Array | None) -> Array:
+        cfg = self.cfg
+        embed = Embed(cfg, name="embed_tokens")
+        x = constrain(embed(tokens), ("batch", "length", "act_embed"))
+        layer = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x, _ = layers(x, positions, mask)
+        x = RMSNorm(cfg, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, out_dtype=jnp.float32, name="lm_head")(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def default_positions(
+    tokens: Array, attention_mask: Array | None = None, segment_ids: Array | None = None
+) -> Array:
+    """Positions: restart at 0 in each packed segment; count only real tokens under a padding mask."""
+    b, t = tokens.shape
+    if segment_ids is not None:
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        starts = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
+        start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+        return idx - start_idx
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def attention_mask_4d(attention_mask: Array | None, segment_ids: Array | None) -> Array | None:
+    """Boolean [B, 1, T, T] mask from key padding and segment ids (causality is added by the kernel).
+
+    `attention_mask[b, s] == 0` hides key s; tokens attend only within their own segment. With segment
+    ids and no attention mask, segment id 0 marks padding.
+    """
+    if attention_mask is None and segment_ids is None:
+        return None
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        if attention_mask is None:
+            same = same & (segment_ids != 0)[:, None, None, :]
+        keep = same if keep is None else keep & same
+    return keep
+
+
+# ------------------------------------------------------------------------------------------- functional API
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward(
+    cfg: LlamaConfig,
+    params: dict,
+    tokens: Array,
+    lora: Any = None,
+    *,
+    attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+) -> Array:
+    """Logits float32 [B, T, V] for int32 tokens [B, T].
+
+    attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
+    segment_ids: [B, T], packed sequences; tokens attend only within their segment.
+    positions: [B, T] RoPE positions; by default derived from the two masks (see `default_positions`).
+    """
+    if lora is not None:
+        raise NotImplementedError("LoRA overlays are not available in this version; pass lora=None")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = default_positions(tokens, attention_mask, segment_ids)
+    mask = attention_mask_4d(attention_mask, segment_ids)
+    return Llama(cfg).apply({"params": params}, tokens, positions, mask)
+
+
+def _abstract_boxed(cfg: LlamaConfig) -> Any:
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    positions = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    init = lambda t, p: Llama(cfg).init(jax.random.key(0), t, p, None)  # noqa: E731
+    return jax.eval_shape(init, tokens, positions)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def param_logical_axes(cfg: LlamaConfig) -> dict:
+    """The parameter tree with a tuple of logical axis names at every leaf."""
+    boxed = _abstract_boxed(cfg)
+    return jax.tree.map(
+        lambda p: tuple(p.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
+
+
+def param_shapes(cfg: LlamaConfig) -> dict:
+    """The parameter tree with a `jax.ShapeDtypeStruct` (storage dtype) at every leaf."""
+    return nn.unbox(_abstract_boxed(cfg))
+
+
+def init_params(cfg: LlamaConfig, key: Array) -> dict:
+    """Random parameters (normal(0.02) weights, unit norms), as a plain nested dict."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.jit(Llama(cfg).init)(key, tokens, tokens, None)["params"])

@@ -1,0 +1,73 @@
+"""Shared test set-up: 8 virtual CPU devices for sharding tests, and tiny random Hugging Face Llamas."""
+
+import os
+
+# Must happen before JAX is imported anywhere: gives the sharding tests an 8-device CPU platform.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+)
+
+
+def build_hf_llama(path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides: Any):
+    """Save a random transformers LlamaForCausalLM (fp32, random norm weights) to `path`; return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # so that swapped or missing norm weights cannot go unnoticed
+                param.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture
+def hf_llama(tmp_path: Path) -> Callable[..., tuple[Path, Any]]:
+    """Factory: hf_llama(**config_overrides) -> (directory, torch model)."""
+    counter = iter(range(1000))
+
+    def make(**overrides: Any) -> tuple[Path, Any]:
+        path = tmp_path / f"hf_llama_{next(counter)}"
+        return path, build_hf_llama(path, **overrides)
+
+    return make
+
+
+def torch_logits(model: Any, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """Reference logits from the transformers model; positions follow the padding mask as in generate()."""
+    import torch
+
+    kwargs = {}
+    if attention_mask is not None:
+        positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+        kwargs = {"attention_mask": torch.tensor(attention_mask), "position_ids": torch.tensor(positions)}
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long), **kwargs).logits.float().numpy()
+
+
+def rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
