@@ -149,13 +149,3 @@ def test_every_parameter_has_logical_axis_names():
         assert len(names) == len(shape.shape) and all(isinstance(n, str) for n in names)
     assert axes["layers"]["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "q_heads")
     assert axes["embed_tokens"]["embedding"] == ("vocab", "embed")
-
-
-def test_lora_argument_is_reserved():
-    cfg = model.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
-                            num_kv_heads=2)
-    params = model.init_params(cfg, jax.random.key(0))
-    tokens = random_tokens(1, 4)
-    assert model.forward(cfg, params, tokens, lora=None).shape == (1, 4, 64)
-    with pytest.raises(NotImplementedError):
-        model.forward(cfg, params, tokens, lora={"a": jnp.zeros(1)})

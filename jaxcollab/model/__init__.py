@@ -7,7 +7,14 @@
 
 from jaxcollab.model.config import ConfigError, LlamaConfig, RopeScaling
 from jaxcollab.model.hf import load_hf, save_hf
-from jaxcollab.model.llama import forward, init_params, param_logical_axes, param_shapes
+from jaxcollab.model.llama import (
+    forward,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    param_shardings,
+    shard_params,
+)
 from jaxcollab.model.safetensors_io import CheckpointError
 from jaxcollab.model.sharding import MeshConfig, make_mesh, maybe_initialize_distributed
 
@@ -24,5 +31,7 @@ __all__ = [
     "maybe_initialize_distributed",
     "param_logical_axes",
     "param_shapes",
+    "param_shardings",
     "save_hf",
+    "shard_params",
 ]

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxcollab.atomic import atomic_directory
 from jaxcollab.model.config import LlamaConfig, dtype_name
-from jaxcollab.model.llama import param_logical_axes, param_shapes
+from jaxcollab.model.llama import param_shapes, param_shardings
 from jaxcollab.model.safetensors_io import CheckpointError, SafetensorsFile, TensorToWrite, write_safetensors
-from jaxcollab.model.sharding import LOGICAL_RULES, Rules, single_device_mesh, tree_shardings
+from jaxcollab.model.sharding import LOGICAL_RULES, Rules, single_device_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +232,7 @@ def load_hf(
     shapes = param_shapes(cfg)
     _check_shapes(ckpt, cfg, tmaps, shapes, path / "config.json")
 
-    mesh = mesh or single_device_mesh()
-    shardings = tree_shardings(param_logical_axes(cfg), shapes, mesh, rules)
+    shardings = param_shardings(cfg, mesh or single_device_mesh(), rules)
     np_dtype = np.dtype(cfg.storage_dtype)
     params: dict = {}
     for tmap in tmaps:
@@ -301,10 +299,6 @@ def save_hf(
     out_dir = Path(out_dir)
     _validate_params(cfg, params)
     np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(cfg.storage_dtype)
-    writer = jax.process_index() == 0
-    if writer and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-
     tensors = list(_tensors_to_write(cfg, params, np_dtype))
     shards: list[list[TensorToWrite]] = [[]]
     size = 0
@@ -314,43 +308,20 @@ def save_hf(
             size = 0
         shards[-1].append(t)
         size += t.nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    tmp = None
-    if writer:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result should be readable like any model directory
-    try:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            if writer:
+    if jax.process_index() == 0:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            for file_name, shard in zip(names, shards, strict=True):
                 write_safetensors(tmp / file_name, shard, {"format": "pt"})
-            else:  # take part in the gathers without writing
-                for t in shard:
-                    t.produce()
-            weight_map.update({t.name: file_name for t in shard})
-        if writer:
+            weight_map = {t.name: file_name for file_name, shard in zip(names, shards, strict=True) for t in shard}
             index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             hf_config = cfg.to_hf_dict(torch_dtype=dtype_name(np_dtype))
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            _replace_dir(tmp, out_dir)
-            tmp = None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    else:  # take part in the per-tensor gathers without writing
+        for t in tensors:
+            t.produce()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_hf:{out_dir}")
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is swapped out and removed."""
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, trash / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -13,12 +13,16 @@ Design:
   mesh is active (`jax.set_mesh`). The names become mesh axes only through `sharding.LOGICAL_RULES`.
 - Attention goes through `jax.nn.dot_product_attention`, so fused kernels are used where the platform has
   them; padding masks, packed sequences (segment ids) and explicit positions are supported.
+- LoRA is an overlay, never a weight update: an adapter's factors arrive as the variable collection
+  `lora` (mirroring the parameter tree, stacked over layers like it), and each targeted `Linear` adds
+  `scaling * dropout(x) A^T B^T` to `x W`. `W + BA` is never formed. See `jaxcollab.lora`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -28,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType
 
 from jaxcollab.model.config import LlamaConfig
-from jaxcollab.model.sharding import LOGICAL_RULES, logical_to_spec
+from jaxcollab.model.sharding import LOGICAL_RULES, Rules, logical_to_spec, tree_shardings
 
 Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)  # what transformers uses (initializer_range=0.02)
@@ -41,6 +45,23 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
 }
+
+
+class AdapterLike(Protocol):
+    """What `forward` needs of a LoRA adapter (see `jaxcollab.lora.LoraAdapter`)."""
+
+    weights: dict
+    scaling: float
+    dropout: float
+
+
+@dataclass(frozen=True)
+class LoraRuntime:
+    """Static LoRA settings of one forward pass: output scaling and dropout (active only in training)."""
+
+    scaling: float
+    dropout: float = 0.0
+    deterministic: bool = True
 
 
 def constrain(x: Array, logical: tuple[str | None, ...]) -> Array:
@@ -83,11 +104,16 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 class Linear(nn.Module):
-    """Bias-free dense layer with a logically named [in, out] kernel, computed in the compute dtype."""
+    """Bias-free dense layer with a logically named [in, out] kernel, computed in the compute dtype.
+
+    With LoRA factors in the `lora` collection (`lora_A` [r, in], `lora_B` [out, r]) it returns
+    `x W + scaling * dropout(x) A^T B^T`.
+    """
 
     features: int
     axes: tuple[str, str]
     cfg: LlamaConfig
+    lora: LoraRuntime | None = None
     out_dtype: Any = None
 
     @nn.compact
@@ -97,10 +123,19 @@ class Linear(nn.Module):
             self.cfg.storage_dtype,
         )
         dtype = self.cfg.compute_dtype
-        return jnp.einsum(
-            "...i,io->...o", x.astype(dtype), kernel.astype(dtype),
-            precision=_PRECISION[self.cfg.precision], preferred_element_type=self.out_dtype,
-        )
+        precision = _PRECISION[self.cfg.precision]
+        x = x.astype(dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype), precision=precision,
+                       preferred_element_type=self.out_dtype)
+        if self.lora is not None and self.has_variable("lora", "lora_A"):
+            a = self.get_variable("lora", "lora_A").astype(dtype)
+            b = self.get_variable("lora", "lora_B").astype(dtype)
+            if self.lora.dropout > 0.0:
+                x = nn.Dropout(self.lora.dropout, deterministic=self.lora.deterministic)(x)
+            h = jnp.einsum("...i,ri->...r", x, a, precision=precision)
+            delta = jnp.einsum("...r,or->...o", h, b, precision=precision, preferred_element_type=self.out_dtype)
+            y = y + (self.lora.scaling * delta).astype(y.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -147,15 +182,16 @@ class Attention(nn.Module):
     """Grouped-query self-attention with RoPE."""
 
     cfg: LlamaConfig
+    lora: LoraRuntime | None = None
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
-        q = Linear(cfg.num_heads * hd, ("embed", "q_heads"), cfg, name="q_proj")(x)
-        k = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, name="k_proj")(x)
-        v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, name="v_proj")(x)
+        q = Linear(cfg.num_heads * hd, ("embed", "q_heads"), cfg, self.lora, name="q_proj")(x)
+        k = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, self.lora, name="k_proj")(x)
+        v = Linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, self.lora, name="v_proj")(x)
         q = checkpoint_name(q, "qkv_proj").reshape(b, t, cfg.num_heads, hd)
         k = checkpoint_name(k, "qkv_proj").reshape(b, t, cfg.num_kv_heads, hd)
         v = checkpoint_name(v, "qkv_proj").reshape(b, t, cfg.num_kv_heads, hd)
@@ -164,34 +200,36 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "act_head_dim"))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
         out = out.reshape(b, t, cfg.num_heads * hd)
-        return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, name="o_proj")(out)
+        return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, self.lora, name="o_proj")(out)
 
 
 class Mlp(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     cfg: LlamaConfig
+    lora: LoraRuntime | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
+        gate = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, self.lora, name="up_proj")(x)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hidden)
+        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, self.lora, name="down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residuals; the body of the layer scan."""
 
     cfg: LlamaConfig
+    lora: LoraRuntime | None = None
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array | None) -> tuple[Array, None]:
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
-        x = x + Attention(self.cfg, name="self_attn")(h, positions, mask)
+        x = x + Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask)
         h = RMSNorm(self.cfg, name="post_attention_layernorm")(x)
-        x = x + Mlp(self.cfg, name="mlp")(h)
+        x = x + Mlp(self.cfg, self.lora, name="mlp")(h)
         return constrain(x, ("batch", "length", "act_embed")), None
 
 
@@ -199,6 +237,7 @@ class Llama(nn.Module):
     """Token ids [B, T] -> float32 logits [B, T, V]."""
 
     cfg: LlamaConfig
+    lora: LoraRuntime | None = None
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array, mask: Array | None) -> Array:
@@ -210,12 +249,12 @@ class Llama(nn.Module):
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
+        )(cfg, self.lora, name="layers")
         x, _ = layers(x, positions, mask)
         x = RMSNorm(cfg, name="norm")(x)
         if cfg.tie_word_embeddings:
@@ -268,25 +307,32 @@ def forward(
     cfg: LlamaConfig,
     params: dict,
     tokens: Array,
-    lora: Any = None,
+    lora: AdapterLike | None = None,
     *,
     attention_mask: Array | None = None,
     segment_ids: Array | None = None,
     positions: Array | None = None,
+    dropout_rng: Array | None = None,
 ) -> Array:
     """Logits float32 [B, T, V] for int32 tokens [B, T].
 
+    lora: a `jaxcollab.lora.LoraAdapter` applied as an overlay (combine several with `lora.combine`).
     attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
     segment_ids: [B, T], packed sequences; tokens attend only within their segment.
     positions: [B, T] RoPE positions; by default derived from the two masks (see `default_positions`).
+    dropout_rng: a key turns on LoRA dropout (training); without one the pass is deterministic.
     """
-    if lora is not None:
-        raise NotImplementedError("LoRA overlays are not available in this version; pass lora=None")
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = default_positions(tokens, attention_mask, segment_ids)
     mask = attention_mask_4d(attention_mask, segment_ids)
-    return Llama(cfg).apply({"params": params}, tokens, positions, mask)
+    variables: dict[str, Any] = {"params": params}
+    runtime = None
+    if lora is not None:
+        variables["lora"] = lora.weights
+        runtime = LoraRuntime(float(lora.scaling), float(lora.dropout), deterministic=dropout_rng is None)
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs)
 
 
 def _abstract_boxed(cfg: LlamaConfig) -> Any:
@@ -308,6 +354,16 @@ def param_logical_axes(cfg: LlamaConfig) -> dict:
 def param_shapes(cfg: LlamaConfig) -> dict:
     """The parameter tree with a `jax.ShapeDtypeStruct` (storage dtype) at every leaf."""
     return nn.unbox(_abstract_boxed(cfg))
+
+
+def param_shardings(cfg: LlamaConfig, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES) -> dict:
+    """The NamedSharding of every parameter on `mesh`, from its logical axes and `rules`."""
+    return tree_shardings(param_logical_axes(cfg), param_shapes(cfg), mesh, rules)
+
+
+def shard_params(cfg: LlamaConfig, params: dict, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES) -> dict:
+    """Move parameters onto `mesh` with the shardings `param_shardings` gives."""
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
 def init_params(cfg: LlamaConfig, key: Array) -> dict:
