@@ -13,6 +13,9 @@ Design:
   mesh is active (`jax.set_mesh`). The names become mesh axes only through `sharding.LOGICAL_RULES`.
 - Attention goes through `jax.nn.dot_product_attention`, so fused kernels are used where the platform has
   them; padding masks, packed sequences (segment ids) and explicit positions are supported.
+- Decoding keeps a KV cache per layer ([L, B, S, kv_heads, head_dim], scanned with the layers like the
+  parameters): `forward_with_cache` writes the new keys/values at `cache_index` and attends over the
+  whole cache under an explicit mask (see `jaxcollab.evaluation.generate`).
 - LoRA is an overlay, never a weight update: an adapter's factors arrive as the variable collection
   `lora` (mirroring the parameter tree, stacked over layers like it), and each targeted `Linear` adds
   `scaling * dropout(x) A^T B^T` to `x W`. `W + BA` is never formed. See `jaxcollab.lora`.
@@ -35,6 +38,7 @@ from jaxcollab.model.config import LlamaConfig
 from jaxcollab.model.sharding import LOGICAL_RULES, Rules, logical_to_spec, tree_shardings
 
 Array = jax.Array
+KVCache = tuple[Array, Array]  # keys and values, [L, B, S, kv_heads, head_dim] (one layer: no L)
 _INIT = nn.initializers.normal(stddev=0.02)  # what transformers uses (initializer_range=0.02)
 
 _PRECISION = {"default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
@@ -185,7 +189,12 @@ class Attention(nn.Module):
     lora: LoraRuntime | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
+        cache_index: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Without a cache: causal attention (plus `mask`). With one: keys/values are written into the cache
+        at `cache_index` and every query attends over the whole cache under `mask` [B, 1, T, S] alone."""
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
@@ -198,9 +207,16 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", "act_head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "act_head_dim"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+        else:
+            start = (0, cache_index, 0, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)  # type: ignore[assignment]
+                          for c, new in zip(cache, (k, v), strict=True))
+            out = jax.nn.dot_product_attention(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask=mask,
+                                               implementation=cfg.attention_impl)
         out = out.reshape(b, t, cfg.num_heads * hd)
-        return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, self.lora, name="o_proj")(out)
+        return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, self.lora, name="o_proj")(out), cache
 
 
 class Mlp(nn.Module):
@@ -225,12 +241,16 @@ class DecoderLayer(nn.Module):
     lora: LoraRuntime | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
+        cache_index: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
-        x = x + Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask)
+        attended, cache = Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask, cache, cache_index)
+        x = x + attended
         h = RMSNorm(self.cfg, name="post_attention_layernorm")(x)
         x = x + Mlp(self.cfg, self.lora, name="mlp")(h)
-        return constrain(x, ("batch", "length", "act_embed")), None
+        return constrain(x, ("batch", "length", "act_embed")), cache
 
 
 class Llama(nn.Module):
@@ -240,28 +260,36 @@ class Llama(nn.Module):
     lora: LoraRuntime | None = None
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array, mask: Array | None) -> Array:
+    def __call__(
+        self, tokens: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
+        cache_index: Array | None = None, last_only: bool = False,
+    ) -> Array | tuple[Array, KVCache]:
+        """Logits, or (logits, updated cache) when a cache is given; `last_only` keeps the last position."""
         cfg = self.cfg
         embed = Embed(cfg, name="embed_tokens")
         x = constrain(embed(tokens), ("batch", "length", "act_embed"))
         layer = DecoderLayer
         if cfg.remat_policy != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        cached = cache is not None
         layers = nn.scan(
             layer,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) if cached else (nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora, name="layers")
-        x, _ = layers(x, positions, mask)
+        x, cache = layers(x, positions, mask, cache, cache_index) if cached else layers(x, positions, mask)
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, out_dtype=jnp.float32, name="lm_head")(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return (logits, cache) if cached else logits
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -326,13 +354,44 @@ def forward(
     if positions is None:
         positions = default_positions(tokens, attention_mask, segment_ids)
     mask = attention_mask_4d(attention_mask, segment_ids)
-    variables: dict[str, Any] = {"params": params}
-    runtime = None
-    if lora is not None:
-        variables["lora"] = lora.weights
-        runtime = LoraRuntime(float(lora.scaling), float(lora.dropout), deterministic=dropout_rng is None)
+    variables, runtime = _variables(params, lora, deterministic=dropout_rng is None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs)
+
+
+def _variables(params: dict, lora: AdapterLike | None, deterministic: bool) -> tuple[dict, LoraRuntime | None]:
+    if lora is None:
+        return {"params": params}, None
+    runtime = LoraRuntime(float(lora.scaling), float(lora.dropout), deterministic=deterministic)
+    return {"params": params, "lora": lora.weights}, runtime
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int) -> KVCache:
+    """An empty KV cache for `batch` sequences of up to `length` tokens, in the compute dtype."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+
+
+def forward_with_cache(
+    cfg: LlamaConfig,
+    params: dict,
+    tokens: Array,
+    positions: Array,
+    mask: Array,
+    cache: KVCache,
+    cache_index: Array,
+    lora: AdapterLike | None = None,
+    *,
+    last_only: bool = False,
+) -> tuple[Array, KVCache]:
+    """One prefill or decode step: logits for `tokens` [B, T] and the cache with their keys/values.
+
+    The tokens' keys/values are written at cache slots `cache_index .. cache_index + T - 1`; `mask`
+    [B, 1, T, S] says which cache slots each query sees (causality and padding are the caller's).
+    Meant to be called inside a jitted decoding loop.
+    """
+    variables, runtime = _variables(params, lora, deterministic=True)
+    return Llama(cfg, runtime).apply(variables, tokens, positions, mask, cache, cache_index, last_only)
 
 
 def _abstract_boxed(cfg: LlamaConfig) -> Any:
