@@ -13,8 +13,10 @@ only, so frozen weights never get gradients, and the optimizer is `optax.masked(
 state exists for trainable leaves only. FFT, LoRA, o-LoRA and router-only training differ only by mask.
 
 The loss is token cross-entropy on answer tokens (the batch's `loss_mask`, see the batch format below),
-normalised by the number of answer tokens in the whole effective batch (gradient accumulation splits the
-batch into micro-batches and sums), plus the o-LoRA penalties. The step is jitted with the state donated.
+normalised by the number of answer tokens in the whole effective batch (counted before gradient
+accumulation splits the batch into micro-batches, so their gradients simply add up), plus the o-LoRA
+penalties, plus for a mixture of experts the router load-balancing (and z-) losses averaged over
+micro-batches. The step is jitted with the state donated.
 
 Batch format (numpy or jax arrays, [batch, seq_len]): `tokens` int32; `loss_mask` float32, 1 where the
 token at t is an answer token to be predicted from tokens < t; optional `segment_ids` (packed rows,
@@ -50,8 +52,9 @@ from tqdm.auto import tqdm
 
 from jaxcollab import lora as lora_lib
 from jaxcollab.model.config import LlamaConfig
-from jaxcollab.model.llama import forward
+from jaxcollab.model.llama import forward, forward_with_aux
 from jaxcollab.model.sharding import shard_batch, single_device_mesh
+from jaxcollab.moe import load_balancing_loss, router_z_loss
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     olora_lambda: float = 0.0  # weight of sum |A_new A_prev^T|
     olora_lambda2: float = 0.0  # weight of sum ||new factor||_2 (original O-LoRA)
+    router_aux_coef: float = 0.1  # Mixtral load-balancing loss (mixtures of experts only)
+    router_z_coef: float = 0.0  # router z-loss (mixtures of experts only)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -197,39 +202,53 @@ def make_gradients(
 
     The gradient tree has the trainable tree's structure: leaves for trainable parameters only.
     """
+    n_micro = cfg.grad_accum_steps
 
-    def ce_sum(trainable: Any, frozen: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def objective(trainable: Any, frozen: Any, batch: dict, key: jax.Array, denom: jax.Array) -> tuple:
         variables = combine(trainable, frozen)
         adapter = _overlay(variables)
         use_dropout = adapter is not None and adapter.dropout > 0
-        logits = forward(model_cfg, variables["params"], batch["tokens"], lora=adapter,
-                         segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
-                         dropout_rng=key if use_dropout else None)
-        return token_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+        kwargs = dict(lora=adapter, segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
+                      dropout_rng=key if use_dropout else None)
+        router_loss = jnp.zeros((), jnp.float32)
+        if model_cfg.is_moe:
+            logits, aux = forward_with_aux(model_cfg, variables["params"], batch["tokens"], **kwargs)
+            real = batch["segment_ids"] > 0 if "segment_ids" in batch else None
+            router_loss = cfg.router_aux_coef * load_balancing_loss(
+                aux["router_logits"], model_cfg.num_experts_per_tok, real)
+            if cfg.router_z_coef:
+                router_loss = router_loss + cfg.router_z_coef * router_z_loss(aux["router_logits"], real)
+        else:
+            logits = forward(model_cfg, variables["params"], batch["tokens"], **kwargs)
+        ce_sum, _ = token_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+        return ce_sum / denom + router_loss / n_micro, (ce_sum, router_loss)
 
-    grad_fn = jax.value_and_grad(ce_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def gradients(trainable: Any, frozen: Any, batch: dict, key: jax.Array) -> tuple[Any, dict]:
-        if cfg.grad_accum_steps == 1:
-            (loss_sum, n_tokens), grads = grad_fn(trainable, frozen, batch, key)
+        n_tokens = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+        denom = jnp.maximum(n_tokens, 1.0)
+        if n_micro == 1:
+            (_, (ce_sum, router_loss)), grads = grad_fn(trainable, frozen, batch, key, denom)
         else:
-            n = cfg.grad_accum_steps
-            micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+            micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
             def accumulate(carry: Any, inputs: Any) -> tuple[Any, None]:
                 index, mb = inputs
-                (l_sum, n_tok), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, index))
-                acc_g, acc_l, acc_n = carry
-                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l_sum, acc_n + n_tok), None
+                (_, (ce, router)), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, index), denom)
+                acc_g, acc_ce, acc_router = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_ce + ce, acc_router + router / n_micro), None
 
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, loss_sum, n_tokens), _ = jax.lax.scan(accumulate, init, (jnp.arange(n), micro))
-        denom = jnp.maximum(n_tokens, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+            (grads, ce_sum, router_loss), _ = jax.lax.scan(accumulate, init, (jnp.arange(n_micro), micro))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
         penalty, penalty_grads = jax.value_and_grad(lambda t: _penalty(cfg, combine(t, frozen)))(trainable)
         grads = jax.tree.map(jnp.add, grads, penalty_grads)
-        return grads, {"loss": loss_sum / denom, "penalty": penalty, "answer_tokens": n_tokens}
+        metrics = {"loss": ce_sum / denom, "penalty": penalty, "answer_tokens": n_tokens}
+        if model_cfg.is_moe:
+            metrics["router_loss"] = router_loss
+        return grads, metrics
 
     return gradients
 

@@ -16,8 +16,11 @@ def test_a_tiny_model_learns_a_domain_and_fft_on_the_next_one_forgets_it():
     def fit(task, variables, steps):
         pipeline = data.build_train_pipeline(task.load("train"), tokenizer, seq_len=128, batch_size=8,
                                              num_epochs=None, seed=0)
-        trainer = train.Trainer(cfg, train.TrainConfig(learning_rate=3e-3, num_steps=steps, progress=False),
-                                variables, train.full_finetune_mask(variables))
+        # Cosine decay: three data orders all reach exact match 1.0 on the first domain in 250 steps
+        # (a constant 3e-3 ends between 0.80 and 0.92).
+        settings = train.TrainConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=10, num_steps=steps,
+                                     progress=False)
+        trainer = train.Trainer(cfg, settings, variables, train.full_finetune_mask(variables))
         return trainer.fit(iter(pipeline))
 
     variables = fit(old, variables, 250)

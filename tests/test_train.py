@@ -153,7 +153,9 @@ def test_lora_learns_a_toy_task():
     tokens, mask = lookup_task()
     variables = lora_variables(scaled_base())
     before = mean_loss(variables, tokens, mask)
-    cfg = train.TrainConfig(learning_rate=1e-2, num_steps=250, progress=False)
+    # Cosine decay: at a constant 1e-2 the final loss depends on the data order (0.01 to 0.13 over seeds);
+    # decayed, five seeds all ended below 0.025.
+    cfg = train.TrainConfig(learning_rate=1e-2, schedule="cosine", warmup_steps=10, num_steps=300, progress=False)
     out = train.Trainer(TINY, cfg, variables, train.lora_mask(variables)).fit(sampler(tokens, mask))
     assert before > 4.0 and mean_loss(out, tokens, mask) < 0.05
     # The trainer worked on a copy: the caller's adapter is intact and unchanged.

@@ -2,7 +2,9 @@
 
 `LlamaConfig` is a frozen (hashable) dataclass so it can be a static argument of `jax.jit`. It holds the
 architecture (what config.json says) plus three run-time settings that never change the weights:
-`dtype` (compute), `param_dtype` (storage) and `remat_policy`. Both transformers 4.x config files
+`dtype` (compute), `param_dtype` (storage) and `remat_policy`. With `num_experts > 0` the MLP of every
+layer is a Mixtral-style mixture of experts (a router plus `num_experts` SwiGLU experts, top
+`num_experts_per_tok` per token); config.json then says `model_type: mixtral`. Both transformers 4.x config files
 (`rope_theta`, `rope_scaling`, `torch_dtype`) and 5.x files (`rope_parameters` with `rope_theta` inside,
 `dtype`) are read; `to_hf_dict` writes both spellings so either version loads the result.
 """
@@ -18,7 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mixtral")
+MOE_IMPLS = ("sparse", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 PRECISIONS = ("default", "high", "highest")
 
@@ -56,12 +59,17 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (0 experts: a dense Llama MLP).
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    always_on_expert: int | None = None  # an expert every token uses besides its top-k choices (not Mixtral)
     # Run-time settings (not part of the checkpoint).
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
     precision: str = "default"
     attention_impl: str | None = None  # None (let JAX pick), "xla" or "cudnn"
+    moe_impl: str = "sparse"  # "sparse": only the chosen experts run (ragged matmuls); "dense": all (reference)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -90,6 +98,20 @@ class LlamaConfig:
             raise ConfigError(f"precision={self.precision!r}; choose one of {PRECISIONS}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ConfigError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={self.moe_impl!r}; choose one of {MOE_IMPLS}")
+        if self.num_experts < 0:
+            raise ConfigError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts={self.num_experts}"
+            )
+        if self.always_on_expert is not None and not 0 <= self.always_on_expert < max(self.num_experts, 1):
+            raise ConfigError(f"always_on_expert={self.always_on_expert} is not an expert index")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -109,7 +131,8 @@ class LlamaConfig:
     def num_params(self) -> int:
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        mlp = 3 * d * f * max(self.num_experts, 1) + d * self.num_experts
+        per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
@@ -134,6 +157,12 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: {flag}=true is not supported (Llama 3 has no biases)")
         theta, scaling = _read_rope(hf, source)
         num_heads = int(hf["num_attention_heads"])
+        moe = {}
+        if model_type == "mixtral":
+            moe = dict(num_experts=int(hf.get("num_local_experts", 8)),
+                       num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
+            if hf.get("sliding_window"):
+                raise ConfigError(f"{source}: sliding_window={hf['sliding_window']} is not supported")
         kwargs = dict(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
@@ -150,6 +179,7 @@ class LlamaConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            **moe,
         )
         kwargs.update({k: dtype_name(v) if k in ("dtype", "param_dtype") else v for k, v in runtime.items()})
         try:
@@ -180,9 +210,16 @@ class LlamaConfig:
             rope_parameters.update(rope_scaling)
         dtype = torch_dtype or self.param_dtype
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        if self.always_on_expert is not None:
+            raise ConfigError("an always-on expert has no Hugging Face (Mixtral) equivalent; it cannot be exported")
+        moe: dict[str, Any] = {}
+        if self.is_moe:
+            moe = {"num_local_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                   "sliding_window": None, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0,
+                   "output_router_logits": False}
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": ["MixtralForCausalLM" if self.is_moe else "LlamaForCausalLM"],
+            "model_type": "mixtral" if self.is_moe else "llama",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -206,6 +243,7 @@ class LlamaConfig:
             "dtype": dtype,  # transformers >= 5
             "torch_dtype": dtype,  # transformers 4.x
             "use_cache": True,
+            **moe,
         }
 
 

@@ -11,7 +11,8 @@ behind. Only process 0 writes; in a multi-host run the other processes take part
 tensor, one tensor at a time.
 
 The name table `_llama_tensors` is the single place where jaxcollab's parameter tree meets the
-Hugging Face tensor names (see DESIGN.md "File formats").
+Hugging Face tensor names (see DESIGN.md "File formats"): Llama, and Mixtral for mixtures of experts
+(`block_sparse_moe.gate` is the router, `experts.E.w1/w3/w2` the gate/up/down projections).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 @dataclass(frozen=True)
 class TensorMap:
-    """One parameter leaf and the HF tensor(s) behind it.
+    """One parameter leaf and the HF tensors behind it.
 
-    `hf_name` contains `{layer}` for parameters stacked over layers. `transpose`: the HF tensor is the
-    transpose of the Flax kernel ([out, in] vs [in, out]).
+    `hf_name` contains `{layer}` (and `{expert}`) for parameters stacked over layers (and experts): the
+    leading axes of the parameter. `transpose`: the HF tensor is the transpose of the Flax kernel
+    ([out, in] vs [in, out]).
     """
 
     path: tuple[str, ...]
@@ -58,14 +60,21 @@ class TensorMap:
     transpose: bool
 
     @property
-    def stacked(self) -> bool:
-        return "{layer}" in self.hf_name
+    def stack_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in ("layer", "expert") if "{" + k + "}" in self.hf_name)
 
-    def hf_names(self, num_layers: int) -> list[str]:
-        return [self.hf_name.format(layer=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+    def stack_indices(self, param_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Every index into the stacked axes, row-major (one per HF tensor)."""
+        return [tuple(ix) for ix in np.ndindex(*param_shape[: len(self.stack_keys)])]
+
+    def hf_name_at(self, index: tuple[int, ...]) -> str:
+        return self.hf_name.format(**dict(zip(self.stack_keys, index, strict=True)))
+
+    def hf_names(self, param_shape: tuple[int, ...]) -> list[str]:
+        return [self.hf_name_at(ix) for ix in self.stack_indices(param_shape)]
 
     def hf_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
-        shape = param_shape[1:] if self.stacked else param_shape
+        shape = param_shape[len(self.stack_keys):]
         return tuple(reversed(shape)) if self.transpose else tuple(shape)
 
 
@@ -79,12 +88,20 @@ def _llama_tensors(cfg: LlamaConfig) -> list[TensorMap]:
             TensorMap(("layers", "self_attn", p, "kernel"), layer + f"self_attn.{p}.weight", True)
             for p in ("q_proj", "k_proj", "v_proj", "o_proj")
         ),
-        *(
-            TensorMap(("layers", "mlp", p, "kernel"), layer + f"mlp.{p}.weight", True)
-            for p in ("gate_proj", "up_proj", "down_proj")
-        ),
         TensorMap(("norm", "scale"), "model.norm.weight", False),
     ]
+    if cfg.is_moe:
+        moe = layer + "block_sparse_moe."
+        maps.append(TensorMap(("layers", "mlp", "router", "kernel"), moe + "gate.weight", True))
+        maps.extend(
+            TensorMap(("layers", "mlp", p, "kernel"), moe + "experts.{expert}." + w + ".weight", True)
+            for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+        )
+    else:
+        maps.extend(
+            TensorMap(("layers", "mlp", p, "kernel"), layer + f"mlp.{p}.weight", True)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        )
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", True))
     return maps
@@ -160,21 +177,22 @@ class CheckpointDir:
 
 
 def _slice_reader(
-    ckpt: CheckpointDir, tmap: TensorMap, num_layers: int, dtype: np.dtype
+    ckpt: CheckpointDir, tmap: TensorMap, shape: tuple[int, ...], dtype: np.dtype
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
     """A `make_array_from_callback` callback: reads one device's index of the stacked/transposed param."""
+    n_stack = len(tmap.stack_keys)
+
     def read(index: tuple[slice, ...]) -> np.ndarray:
-        if tmap.stacked:
-            layers = range(num_layers)[index[0]]
-            inner = index[1:]
-        else:
-            layers, inner = [None], index
+        outer = [range(size)[sl] for size, sl in zip(shape[:n_stack], index[:n_stack], strict=True)]
+        inner = index[n_stack:]
         pieces = []
-        for layer in layers:
-            src = ckpt.tensor(tmap.hf_name.format(layer=layer)) if tmap.stacked else ckpt.tensor(tmap.hf_name)
+        for stack_index in np.ndindex(*(len(r) for r in outer)):
+            src = ckpt.tensor(tmap.hf_name_at(tuple(r[i] for r, i in zip(outer, stack_index, strict=True))))
             piece = src[tuple(reversed(inner))].T if tmap.transpose else src[inner]
             pieces.append(np.asarray(piece, dtype=dtype))
-        return np.stack(pieces) if tmap.stacked else pieces[0]
+        if not n_stack:
+            return pieces[0]
+        return np.stack(pieces).reshape(*(len(r) for r in outer), *pieces[0].shape)
 
     return read
 
@@ -183,13 +201,14 @@ def _check_shapes(
     ckpt: CheckpointDir, cfg: LlamaConfig, tmaps: list[TensorMap], shapes: dict, config_path: Path
 ) -> None:
     present = set(ckpt.names())
-    missing = [n for t in tmaps for n in t.hf_names(cfg.num_layers) if n not in present]
+    names = {t: t.hf_names(_get(shapes, t.path).shape) for t in tmaps}
+    missing = [n for t in tmaps for n in names[t] if n not in present]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{ckpt.path}: tensors required by {config_path} are missing: {shown}")
     for tmap in tmaps:
         expected = tmap.hf_shape(_get(shapes, tmap.path).shape)
-        for name in tmap.hf_names(cfg.num_layers):
+        for name in names[tmap]:
             actual = ckpt.tensor(name).shape
             if tuple(actual) != expected:
                 raise CheckpointError(
@@ -198,7 +217,7 @@ def _check_shapes(
                     f" heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim},"
                     f" vocab_size={cfg.vocab_size}) implies {list(expected)}"
                 )
-    used = {n for t in tmaps for n in t.hf_names(cfg.num_layers)}
+    used = {n for t in tmaps for n in names[t]}
     unused = sorted(n for n in present - used if not n.endswith(_IGNORED_SUFFIXES))
     if unused:
         logger.warning("%s: ignoring %d tensors not used by a Llama model, e.g. %s", ckpt.path, len(unused), unused[:4])
@@ -213,7 +232,7 @@ def load_hf(
     rules: Rules = LOGICAL_RULES,
     **runtime: Any,
 ) -> tuple[LlamaConfig, dict]:
-    """Load a HF Llama directory into (cfg, params) with parameters stored in `dtype`.
+    """Load a HF Llama or Mixtral directory into (cfg, params) with parameters stored in `dtype`.
 
     With `mesh`, every parameter is created directly with its `NamedSharding` (from the logical-axis
     `rules`), each device's slice read straight from the safetensors files. Without one, parameters land
@@ -238,15 +257,15 @@ def load_hf(
     for tmap in tmaps:
         shape = _get(shapes, tmap.path).shape
         sharding: NamedSharding = _get(shardings, tmap.path)
-        array = jax.make_array_from_callback(shape, sharding, _slice_reader(ckpt, tmap, cfg.num_layers, np_dtype))
+        array = jax.make_array_from_callback(shape, sharding, _slice_reader(ckpt, tmap, shape, np_dtype))
         _set(params, tmap.path, array)
     return cfg, params
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _host_array(value: jax.Array, layer: int | None) -> np.ndarray:
-    """One (layer of a) parameter gathered to host memory; a collective in multi-host runs."""
-    x = value[layer] if layer is not None else value
+def _host_array(value: jax.Array, index: tuple[int, ...]) -> np.ndarray:
+    """One (layer / expert of a) parameter gathered to host memory; a collective in multi-host runs."""
+    x = value[index] if index else value
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
@@ -255,15 +274,13 @@ def _host_array(value: jax.Array, layer: int | None) -> np.ndarray:
 def _tensors_to_write(cfg: LlamaConfig, params: dict, np_dtype: np.dtype) -> Iterator[TensorToWrite]:
     for tmap in _llama_tensors(cfg):
         value = _get(params, tmap.path)
-        names = tmap.hf_names(cfg.num_layers)
-        for i, name in enumerate(names):
-            layer = i if tmap.stacked else None
+        for index in tmap.stack_indices(tuple(value.shape)):
 
-            def produce(value: jax.Array = value, layer: int | None = layer, tmap: TensorMap = tmap) -> np.ndarray:
-                host = _host_array(value, layer)
+            def produce(value: jax.Array = value, index: tuple = index, tmap: TensorMap = tmap) -> np.ndarray:
+                host = _host_array(value, index)
                 return (host.T if tmap.transpose else host).astype(np_dtype)
 
-            yield TensorToWrite(name, tmap.hf_shape(tuple(value.shape)), np_dtype, produce)
+            yield TensorToWrite(tmap.hf_name_at(index), tmap.hf_shape(tuple(value.shape)), np_dtype, produce)
 
 
 def _validate_params(cfg: LlamaConfig, params: dict) -> None:
@@ -291,7 +308,8 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    """Write a HF Llama directory loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+    """Write a HF Llama (or, for a mixture of experts, Mixtral) directory that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tensors are stored in `dtype` (default: the config's storage dtype). The directory appears complete
     or not at all. An existing non-empty `out_dir` is an error unless `overwrite`.

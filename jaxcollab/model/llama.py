@@ -16,6 +16,10 @@ Design:
 - Decoding keeps a KV cache per layer ([L, B, S, kv_heads, head_dim], scanned with the layers like the
   parameters): `forward_with_cache` writes the new keys/values at `cache_index` and attends over the
   whole cache under an explicit mask (see `jaxcollab.evaluation.generate`).
+- With `cfg.num_experts > 0` each layer's MLP is a Mixtral mixture of experts (`MoeMlp`): a bias-free
+  router, softmax over experts, top-k, renormalised weights; only the chosen experts run
+  (`jax.lax.ragged_dot` over tokens grouped by expert), or all of them with `moe_impl="dense"`.
+  Router logits and each layer's input are sown as `intermediates` (see `forward_with_aux`).
 - LoRA is an overlay, never a weight update: an adapter's factors arrive as the variable collection
   `lora` (mirroring the parameter tree, stacked over layers like it), and each targeted `Linear` adds
   `scaling * dropout(x) A^T B^T` to `x W`. `W + BA` is never formed. See `jaxcollab.lora`.
@@ -234,6 +238,84 @@ class Mlp(nn.Module):
         return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, self.lora, name="down_proj")(hidden)
 
 
+class ExpertKernels(nn.Module):
+    """The stacked [E, in, out] kernels of one projection of every expert."""
+
+    num_experts: int
+    shape: tuple[int, int]
+    axes: tuple[str, str]
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("kernel", nn.with_logical_partitioning(_INIT, ("exp", *self.axes)),
+                          (self.num_experts, *self.shape), self.cfg.storage_dtype)
+
+
+def route(logits: Array, top_k: int, always_on: int | None = None) -> tuple[Array, Array]:
+    """Mixtral routing: softmax over experts, the top-k, weights renormalised to sum to one.
+
+    logits [..., E] -> (weights [..., k], expert ids [..., k]). With `always_on`, that expert is always
+    among the k (the other k-1 are the best of the rest), weights renormalised over the chosen ones.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    scores = probs if always_on is None else probs.at[..., always_on].add(2.0)
+    _, ids = jax.lax.top_k(scores, top_k)
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), ids
+
+
+class MoeMlp(nn.Module):
+    """Mixture of SwiGLU experts behind a top-k router (the Mixtral sparse MoE block)."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        e, k, d, f = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+        logits = Linear(e, ("embed", "exp"), cfg, out_dtype=jnp.float32, name="router")(x)
+        self.sow("intermediates", "router_logits", logits)
+        weights, ids = route(logits, k, cfg.always_on_expert)
+        dtype = cfg.compute_dtype
+        gate = ExpertKernels(e, (d, f), ("embed", "mlp"), cfg, name="gate_proj")().astype(dtype)
+        up = ExpertKernels(e, (d, f), ("embed", "mlp"), cfg, name="up_proj")().astype(dtype)
+        down = ExpertKernels(e, (f, d), ("mlp", "embed"), cfg, name="down_proj")().astype(dtype)
+        x = x.astype(dtype)
+        if cfg.moe_impl == "dense" or k == e:
+            return _experts_dense(x, weights, ids, gate, up, down, self.cfg)
+        return _experts_sparse(x, weights, ids, gate, up, down, self.cfg)
+
+
+def _experts_dense(x: Array, weights: Array, ids: Array, gate: Array, up: Array, down: Array,
+                   cfg: LlamaConfig) -> Array:
+    """Every expert on every token, combined with the routing weights (zero for unchosen experts)."""
+    precision = _PRECISION[cfg.precision]
+    hidden = jax.nn.silu(jnp.einsum("btd,edf->btef", x, gate, precision=precision)) * jnp.einsum(
+        "btd,edf->btef", x, up, precision=precision)
+    outputs = jnp.einsum("btef,efd->bted", hidden, down, precision=precision)
+    dense_weights = jnp.sum(jax.nn.one_hot(ids, cfg.num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)
+    return jnp.einsum("bted,bte->btd", outputs, dense_weights.astype(outputs.dtype), precision=precision)
+
+
+def _experts_sparse(x: Array, weights: Array, ids: Array, gate: Array, up: Array, down: Array,
+                    cfg: LlamaConfig) -> Array:
+    """Only the chosen experts: (token, choice) pairs grouped by expert and run as ragged matmuls."""
+    b, t, d = x.shape
+    k = ids.shape[-1]
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    token = order // k
+    rows = x.reshape(b * t, d)[token]
+    sizes = jnp.bincount(flat_ids, length=cfg.num_experts).astype(jnp.int32)
+    precision = _PRECISION[cfg.precision]
+    hidden = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes, precision=precision)) * jax.lax.ragged_dot(
+        rows, up, sizes, precision=precision)
+    outputs = jax.lax.ragged_dot(hidden, down, sizes, precision=precision)
+    outputs = outputs * weights.reshape(-1)[order][:, None].astype(outputs.dtype)
+    return jnp.zeros((b * t, d), outputs.dtype).at[token].add(outputs).reshape(b, t, d)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residuals; the body of the layer scan."""
 
@@ -245,11 +327,13 @@ class DecoderLayer(nn.Module):
         self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
         cache_index: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
+        self.sow("intermediates", "layer_inputs", x)
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
         attended, cache = Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask, cache, cache_index)
         x = x + attended
         h = RMSNorm(self.cfg, name="post_attention_layernorm")(x)
-        x = x + Mlp(self.cfg, self.lora, name="mlp")(h)
+        mlp = MoeMlp(self.cfg, name="mlp") if self.cfg.is_moe else Mlp(self.cfg, self.lora, name="mlp")
+        x = x + mlp(h)
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -274,7 +358,7 @@ class Llama(nn.Module):
         cached = cache is not None
         layers = nn.scan(
             layer,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) if cached else (nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
@@ -357,6 +441,35 @@ def forward(
     variables, runtime = _variables(params, lora, deterministic=dropout_rng is None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward_with_aux(
+    cfg: LlamaConfig,
+    params: dict,
+    tokens: Array,
+    lora: AdapterLike | None = None,
+    *,
+    attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, dict]:
+    """`forward` plus what the layers sow, stacked over layers: `layer_inputs` [L, B, T, d] (the residual
+    stream entering each layer) and, for a mixture of experts, `router_logits` [L, B, T, E]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = default_positions(tokens, attention_mask, segment_ids)
+    mask = attention_mask_4d(attention_mask, segment_ids)
+    variables, runtime = _variables(params, lora, deterministic=dropout_rng is None)
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    logits, state = Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs,
+                                              mutable=["intermediates"])
+    sown = state["intermediates"]["layers"]
+    aux = {"layer_inputs": sown["layer_inputs"][0]}
+    if cfg.is_moe:
+        aux["router_logits"] = sown["mlp"]["router_logits"][0]
+    return logits, aux
 
 
 def _variables(params: dict, lora: AdapterLike | None, deterministic: bool) -> tuple[dict, LoraRuntime | None]:

@@ -40,6 +40,7 @@ LOGICAL_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("exp", None),  # experts: replicated (no expert parallelism by default)
     # activations
     ("batch", BATCH_AXES),
     ("length", None),
