@@ -33,6 +33,7 @@ steps before them were checked, so the last one on disk is good.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -271,6 +272,33 @@ def make_step(
     return step
 
 
+def _step_settings(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the fields that do not change the compiled step set to fixed values (a cache key)."""
+    return dataclasses.replace(cfg, seed=0, log_every=1, checkpoint_every=1, keep_checkpoints=1, progress=True)
+
+
+def _tree_key(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(cfg: TrainConfig, mask_key: tuple) -> optax.GradientTransformation:
+    treedef, leaves = mask_key
+    return make_optimizer(cfg, jax.tree.unflatten(treedef, leaves))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model_cfg: LlamaConfig, cfg: TrainConfig, mask_key: tuple, shardings_key: tuple) -> tuple:
+    """(jitted optimizer init, jitted step), shared by every Trainer with the same settings and layout, so a
+    run of many rounds compiles its step once per shape instead of once per round."""
+    tx = _optimizer(cfg, mask_key)
+    shardings: TrainState = jax.tree.unflatten(*shardings_key)
+    init = jax.jit(tx.init, out_shardings=shardings.opt_state)
+    step = jax.jit(make_step(model_cfg, cfg, tx), donate_argnums=(0,), out_shardings=(shardings, None))
+    return init, step
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def _mesh_of(tree: Any) -> Mesh | None:
     for leaf in jax.tree.leaves(tree):
@@ -325,7 +353,8 @@ class Trainer:
             raise ValueError("the training mask selects no parameter: nothing would train")
         self.mesh = mesh or _mesh_of(variables) or single_device_mesh()
         variables = _place(variables, self.mesh)
-        self.tx = make_optimizer(cfg, mask)
+        step_cfg, mask_key = _step_settings(cfg), _tree_key(mask)
+        self.tx = _optimizer(step_cfg, mask_key)
         trainable, self.frozen = partition(variables, mask)
         if not donate_variables:
             trainable = jax.tree.map(lambda x: x.copy(), trainable)
@@ -337,13 +366,12 @@ class Trainer:
             transform_non_params=lambda _: replicated,
         )
         self.state_shardings = TrainState(replicated, param_shardings, opt_shardings, replicated)
-        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
+        init, self._step = _compiled(model_cfg, step_cfg, mask_key, _tree_key(self.state_shardings))
         rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), replicated)
         step0 = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-        self.state = TrainState(step0, trainable, opt_state, rng)
-        self._step = jax.jit(make_step(model_cfg, cfg, self.tx), donate_argnums=(0,),
-                             out_shardings=(self.state_shardings, None))
-        self.workdir = Path(workdir) if workdir is not None else None
+        self.state = TrainState(step0, trainable, init(trainable), rng)
+        # orbax needs absolute paths; a relative workdir is relative to the current directory.
+        self.workdir = Path(workdir).absolute() if workdir is not None else None
         self._manager: ocp.CheckpointManager | None = None
         self._resume_data: dict | None = None
         if self.workdir is not None:
@@ -383,7 +411,7 @@ class Trainer:
         return combine(self.state.trainable, self.frozen)
 
     # --------------------------------------------------------------------------------------------- loop
-    def fit(self, batches: Iterator[dict], num_steps: int | None = None) -> dict:
+    def fit(self, batches: Iterator[dict], num_steps: int | None = None, desc: str = "train") -> dict:
         """Train until `num_steps` (default: cfg.num_steps) optimizer steps in total; return the variables.
 
         `batches` yields host batches (the global batch, or this process's rows in a multi-process run).
@@ -402,8 +430,8 @@ class Trainer:
             return self.variables()
         metrics_file, writer = self._open_logs()
         pending: list[tuple[int, dict]] = []
-        progress = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.progress,
-                        dynamic_ncols=True)
+        progress = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not cfg.progress,
+                        dynamic_ncols=True, leave=False)
         window_start, window_tokens = time.perf_counter(), 0
         try:
             for step in range(start + 1, total + 1):

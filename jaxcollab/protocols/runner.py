@@ -1,0 +1,492 @@
+"""The experiment runner: models as cached artifacts, fine-tuning, evaluation, and the score matrices.
+
+Every model of an experiment is a `ModelHandle` whose `key` is a hash of how it is made (its start model,
+its data, its method and hyperparameters, or the recipe of a merge). Strategies ask the `Runner` for
+models; identical requests give the same key, so shared work is done once: round 1 of sequential FFT is
+the FFT "ingredient" of task 1, and it is also round 1 of joint training and of replay.
+
+On disk (the workdir):
+
+    models/<key>/            trained full models (Hugging Face directories, via save_hf)
+    adapters/<key>/          trained LoRA adapters (PEFT directories) and o-LoRA A banks
+    runs/<key>/              orbax checkpoints and metrics of a training in progress
+    scores/<key>.json        scores of a model per task (and its old-knowledge score)
+    predictions/<key>/       generated answers per task (jsonl)
+    strategies/<name>.json   the models of a strategy's rounds and the seconds each took
+
+A finished artifact is never redone; an interrupted training resumes from its last checkpoint; a merge or
+mixture is rebuilt from its ingredients when needed (only its scores are kept). Re-running the same
+command after a crash therefore finishes the job with the same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxcollab import data as data_lib
+from jaxcollab import lora as lora_lib
+from jaxcollab import model as model_lib
+from jaxcollab import train as train_lib
+from jaxcollab.atomic import atomic_file
+from jaxcollab.evaluation.evaluate import evaluate_task
+from jaxcollab.evaluation.knowledge import summarize
+from jaxcollab.evaluation.loglik import load_multiple_choice_jsonl, multiple_choice
+from jaxcollab.protocols.config import TRACE_EPOCHS
+
+logger = logging.getLogger(__name__)
+
+
+def content_key(label: str, spec: Any) -> str:
+    """`label-<12 hex>`: a stable name for an artifact made by `spec` (JSON-serialisable)."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{label}-{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The training data of one fine-tuning: one task, the union of tasks 1..j, or task j with replay."""
+
+    kind: str  # task | joint | replay
+    round: int  # 1-based: the task of this round (joint: tasks 1..round)
+    w_hist: float = 0.0
+    duplication: int = 1
+    seed: int = 0
+
+    @staticmethod
+    def task(j: int) -> DataSpec:
+        return DataSpec("task", j)
+
+    @staticmethod
+    def joint(j: int, duplication: int = 1, seed: int = 0) -> DataSpec:
+        return DataSpec("task", 1) if j == 1 and duplication == 1 else DataSpec("joint", j, 0.0, duplication, seed)
+
+    @staticmethod
+    def replay(j: int, w_hist: float, seed: int = 0) -> DataSpec:
+        return DataSpec("task", j) if j == 1 or w_hist == 0 else DataSpec("replay", j, w_hist, 1, seed)
+
+
+@dataclasses.dataclass
+class ModelHandle:
+    """A model of the experiment: its key, config, and how to get its parameters (lazily).
+
+    For a LoRA fine-tuning, `adapter_dir` holds the round's adapter and `start` the model it was trained
+    on; its parameters are the start's with the adapter merged in.
+    """
+
+    key: str
+    cfg: model_lib.LlamaConfig
+    label: str
+    build: Callable[[], dict]
+    start: ModelHandle | None = None
+    adapter_dir: Path | None = None
+
+
+class Runner:
+    """Owns the workdir, the data, the base model and the caches; strategies are built on it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.writer = jax.process_index() == 0
+        self.mesh = self._make_mesh()
+        self.tokenizer = self._make_tokenizer()
+        self.tasks = self._make_tasks()
+        self.old_task = self._old_task()
+        self.old_mc = [(p, load_multiple_choice_jsonl(p)) for p in _split(config.eval.old_mc_files)]
+        self._params_cache: OrderedDict[str, dict] = OrderedDict()
+        self._examples: dict[int, list[dict]] = {}
+        self._base: ModelHandle | None = None
+        self.model_cfg = self._model_config()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _make_mesh(self) -> jax.sharding.Mesh:
+        mesh_cfg = model_lib.MeshConfig(self.config.mesh.data, self.config.mesh.fsdp, self.config.mesh.tensor)
+        sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+        devices = jax.devices() if -1 in sizes else jax.devices()[: int(np.prod(sizes))]
+        return model_lib.make_mesh(mesh_cfg, devices)
+
+    def _make_tokenizer(self) -> data_lib.Tokenizer:
+        name = self.config.data.tokenizer
+        if name == "bytes":
+            return data_lib.ByteTokenizer()
+        return data_lib.HFTokenizer(name or self.config.model.path)
+
+    def _make_tasks(self) -> list[data_lib.Task]:
+        d = self.config.data
+        if d.kind == "synthetic":
+            return data_lib.synthetic_tasks(d.num_rounds, d.synthetic_seed, d.facts_per_domain)[1:]
+        names = _split(d.tasks) or list(data_lib.PAPER_TASK_ORDER)
+        tasks = []
+        for name in names:
+            if name == "MetaMath":
+                if not d.metamath_file:
+                    raise ValueError("config.data.tasks includes MetaMath but config.data.metamath_file is empty;"
+                                     " name a local MetaMathQA json/jsonl file (see third_party/README.md)")
+                options: dict[str, Any] = {"root": d.trace_root, "train_file": d.metamath_file}
+                if d.gsm8k_file:
+                    options["gsm8k_file"] = d.gsm8k_file
+                tasks.append(data_lib.get_task("MetaMath", **options))
+            else:
+                tasks.append(data_lib.get_task(name, root=d.trace_root, variant=d.trace_variant))
+        return tasks
+
+    def _old_task(self) -> data_lib.Task | None:
+        name = self.config.eval.old_task
+        if not name:
+            return None
+        if name.startswith("synthetic/"):
+            d = self.config.data
+            return data_lib.get_task(name, num_rounds=max(d.num_rounds, 1), seed=d.synthetic_seed,
+                                     facts_per_domain=d.facts_per_domain)
+        return data_lib.get_task(name, root=self.config.data.trace_root, variant=self.config.data.trace_variant)
+
+    def _model_config(self) -> model_lib.LlamaConfig:
+        m = self.config.model
+        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+        if m.source == "hf":
+            return model_lib.LlamaConfig.from_pretrained_dir(m.path, **runtime)
+        vocab = -(-self.tokenizer.vocab_size // 8) * 8  # rounded up so that the vocabulary shards evenly
+        return model_lib.LlamaConfig(
+            vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, rope_theta=m.rope_theta,
+            max_position_embeddings=max(self.config.data.seq_len, self.config.eval.max_prompt_len) + 512,
+            bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+            pad_token_id=self.tokenizer.pad_id, **runtime,
+        )
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.tasks)
+
+    # -------------------------------------------------------------------------------------------- data
+    def train_examples(self, j: int) -> list[dict]:
+        """Training rows of the task of round j (1-based), limited by config.data.train_limit."""
+        if j not in self._examples:
+            rows = self.tasks[j - 1].examples("train")
+            limit = self.config.data.train_limit
+            self._examples[j] = rows[:limit] if limit else rows
+        return self._examples[j]
+
+    def examples(self, spec: DataSpec) -> list[dict]:
+        if spec.kind == "task":
+            return self.train_examples(spec.round)
+        if spec.kind == "joint":
+            sets = [self.train_examples(i) for i in range(1, spec.round + 1)]
+            mixed = data_lib.joint_mixture(sets, duplication=spec.duplication, seed=spec.seed)
+        else:
+            earlier = [self.train_examples(i) for i in range(1, spec.round)]
+            mixed = data_lib.replay_mixture(self.train_examples(spec.round), earlier, w_hist=spec.w_hist,
+                                            seed=spec.seed + spec.round)
+        return [{"prompt": p, "answer": a} for p, a in zip(mixed["prompt"], mixed["answer"], strict=True)]
+
+    def _pipeline(self, examples: Sequence[dict], seed: int, num_epochs: int | None) -> data_lib.TrainPipeline:
+        """Batches of this process's share of the rows (the global batch is split over processes)."""
+        d = self.config.data
+        processes = jax.process_count()
+        return data_lib.build_train_pipeline(
+            examples, self.tokenizer, seq_len=d.seq_len, batch_size=d.batch_size // processes, packing=d.packing,
+            num_epochs=num_epochs, seed=seed, shard_index=jax.process_index(), shard_count=processes,
+        )
+
+    def _num_steps(self, examples: Sequence[dict], epochs: float, seed: int) -> int:
+        batches = sum(1 for _ in iter(self._pipeline(examples, seed, num_epochs=1)))
+        return max(1, round(epochs * max(batches, 1)))
+
+    # ------------------------------------------------------------------------------------------ models
+    def params(self, handle: ModelHandle) -> dict:
+        """The parameters of a model (built or loaded on first use; the last few are kept in memory)."""
+        if handle.key in self._params_cache:
+            self._params_cache.move_to_end(handle.key)
+            return self._params_cache[handle.key]
+        params = handle.build()
+        self._params_cache[handle.key] = params
+        while len(self._params_cache) > 4:
+            self._params_cache.popitem(last=False)
+        return params
+
+    def _load_full(self, path: Path) -> Callable[[], dict]:
+        cfg = self.model_cfg
+
+        def build() -> dict:
+            return model_lib.load_hf(path, dtype=cfg.param_dtype, mesh=self.mesh, compute_dtype=cfg.dtype)[1]
+
+        return build
+
+    def base(self) -> ModelHandle:
+        if self._base is not None:
+            return self._base
+        m = self.config.model
+        if m.source == "hf":
+            key = content_key("base", {"path": str(Path(m.path).resolve()), "dtype": m.param_dtype})
+            self._base = ModelHandle(key, self.model_cfg, "base", self._load_full(Path(m.path)))
+            return self._base
+        spec = {"model": self.model_cfg.to_hf_dict(), "train": _training_settings(self.config.base_train),
+                "old_task": self.config.eval.old_task, "data": _data_settings(self.config), "seed": self.config.seed}
+        key = content_key("base", spec)
+        path = self.workdir / "models" / key
+        if not (path / "config.json").is_file():
+            self._train_base(key, path)
+        self._base = ModelHandle(key, self.model_cfg, "base (pre-trained here)", self._load_full(path))
+        return self._base
+
+    def _train_base(self, key: str, path: Path) -> None:
+        assert self.old_task is not None
+        logger.info("pre-training the base on %s", self.old_task.name)
+        params = model_lib.init_params(self.model_cfg, jax.random.key(self.config.seed))
+        params = model_lib.shard_params(self.model_cfg, params, self.mesh)
+        examples = self.old_task.examples("train")
+        variables = {"params": params}
+        out = self._fit(key, variables, train_lib.full_finetune_mask(variables), examples, self.config.base_train,
+                        desc="base")
+        self._save_full(out["params"], path)
+
+    def fine_tune(self, start: ModelHandle, data: DataSpec, method: str, *, olora: dict | None = None,
+                  label: str = "") -> ModelHandle:
+        """The model made by training `start` on `data` with `method` (fft | lora | router).
+
+        olora (LoRA only): {"lambda": λ, "lambda2": λ2, "mode": merged|frozen, "previous": [lora handles]}:
+        the earlier rounds' adapters give the A bank; in frozen mode they also stay as frozen overlays.
+        """
+        settings = {"fft": self.config.fft, "lora": self.config.lora}.get(method)
+        if method == "router":
+            settings = self.config.moe.router_train
+        if settings is None:
+            raise ValueError(f"unknown fine-tuning method {method!r}")
+        previous = list((olora or {}).get("previous", []))
+        spec: dict[str, Any] = {"start": start.key, "data": dataclasses.asdict(data), "method": method,
+                                "settings": _training_settings(settings), "seed": self.config.seed,
+                                "data_settings": _data_settings(self.config)}
+        if olora and previous:
+            spec["olora"] = {"lambda": olora["lambda"], "lambda2": olora.get("lambda2", 0.0), "mode": olora["mode"],
+                             "previous": [h.key for h in previous]}
+        name = label or f"{method}-r{data.round}"
+        key = content_key(name, spec)
+        if method in ("fft", "router"):
+            path = self.workdir / "models" / key
+            if not (path / "config.json").is_file():
+                self._train_full(key, path, start, data, method, settings)
+            cfg = start.cfg
+            return ModelHandle(key, cfg, name, self._load_full_like(path, cfg), start=start)
+        adapter_dir = self.workdir / "adapters" / key
+        if not (adapter_dir / lora_lib.ADAPTER_CONFIG).is_file():
+            self._train_lora(key, adapter_dir, start, data, settings, olora if previous else None, previous)
+        frozen_mode = bool(olora and previous and olora["mode"] == "frozen")
+
+        def build() -> dict:
+            adapter = self.adapter(adapter_dir)
+            if frozen_mode:  # start is the base; every earlier adapter is applied too
+                adapters = [self.adapter(h.adapter_dir) for h in previous] + [adapter]
+                return lora_lib.merge(self.params(start), lora_lib.combine(adapters))
+            return lora_lib.merge(self.params(start), adapter)
+
+        return ModelHandle(key, start.cfg, name, build, start=start, adapter_dir=adapter_dir)
+
+    def _load_full_like(self, path: Path, cfg: model_lib.LlamaConfig) -> Callable[[], dict]:
+        def build() -> dict:
+            return model_lib.load_hf(path, dtype=cfg.param_dtype, mesh=self.mesh, compute_dtype=cfg.dtype,
+                                     moe_impl=cfg.moe_impl)[1]
+
+        return build
+
+    def derived(self, label: str, recipe: dict, cfg: model_lib.LlamaConfig, build: Callable[[], dict]) -> ModelHandle:
+        """A model computed from others (a merge, a mixture): rebuilt when needed, never stored."""
+        return ModelHandle(content_key(label, recipe), cfg, label, build)
+
+    def adapter(self, adapter_dir: Path) -> lora_lib.LoraAdapter:
+        adapter, _ = lora_lib.load_peft(adapter_dir, self.model_cfg, params=self.params(self.base()))
+        return adapter
+
+    def lora_config(self) -> lora_lib.LoraConfig:
+        c = self.config.lora
+        return lora_lib.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+                                   target_modules=tuple(_split(c.target_modules)), use_rslora=c.use_rslora)
+
+    # ---------------------------------------------------------------------------------------- training
+    def _train_config(self, settings: ml_collections.ConfigDict, num_steps: int, **extra: Any) -> train_lib.TrainConfig:
+        return train_lib.TrainConfig(
+            learning_rate=settings.learning_rate, schedule=settings.schedule, warmup_steps=settings.warmup_steps,
+            min_lr_ratio=settings.min_lr_ratio, num_steps=num_steps, weight_decay=settings.weight_decay,
+            max_grad_norm=settings.max_grad_norm or None, grad_accum_steps=settings.grad_accum_steps,
+            seed=self.config.seed, log_every=max(1, min(50, num_steps // 4)),
+            checkpoint_every=settings.checkpoint_every, keep_checkpoints=2, progress=bool(self.config.progress),
+            **extra,
+        )
+
+    def _epochs(self, settings: ml_collections.ConfigDict, data: DataSpec | None) -> float:
+        if settings.epochs > 0 or data is None:
+            return float(settings.epochs)
+        return float(TRACE_EPOCHS.get(self.tasks[data.round - 1].name, 1))
+
+    def _fit(self, key: str, variables: dict, mask: Any, examples: Sequence[dict],
+             settings: ml_collections.ConfigDict, *, data: DataSpec | None = None, desc: str = "",
+             cfg: model_lib.LlamaConfig | None = None, **extra: Any) -> dict:
+        seed = self.config.seed + (data.round if data else 0)
+        steps = self._num_steps(examples, self._epochs(settings, data), seed)
+        run_dir = self.workdir / "runs" / key
+        trainer = train_lib.Trainer(cfg or self.model_cfg, self._train_config(settings, steps, **extra), variables,
+                                    mask, workdir=run_dir, mesh=self.mesh)
+        logger.info("training %s: %d steps on %d examples", desc or key, steps, len(examples))
+        out = trainer.fit(iter(self._pipeline(examples, seed, num_epochs=None)), desc=desc or key)
+        return out
+
+    def _done_with_run(self, key: str) -> None:
+        if not self.config.keep_checkpoints and self.writer:
+            shutil.rmtree(self.workdir / "runs" / key / "checkpoints", ignore_errors=True)
+
+    def _save_full(self, params: dict, path: Path, cfg: model_lib.LlamaConfig | None = None) -> None:
+        model_lib.save_hf(cfg or self.model_cfg, params, path, overwrite=True)
+
+    def _train_full(self, key: str, path: Path, start: ModelHandle, data: DataSpec, method: str,
+                    settings: ml_collections.ConfigDict) -> None:
+        variables = {"params": self.params(start)}
+        if method == "router":
+            mask = train_lib.router_mask(variables)
+            extra = {"router_aux_coef": self.config.moe.router_aux_coef}
+        else:
+            mask = train_lib.full_finetune_mask(variables)
+            extra = {}
+        out = self._fit(key, variables, mask, self.examples(data), settings, data=data, desc=key, cfg=start.cfg,
+                        **extra)
+        self._save_full(out["params"], path, start.cfg)
+        self._done_with_run(key)
+
+    def _train_lora(self, key: str, adapter_dir: Path, start: ModelHandle, data: DataSpec,
+                    settings: ml_collections.ConfigDict, olora: dict | None, previous: list[ModelHandle]) -> None:
+        lcfg = self.lora_config()
+        frozen_mode = bool(olora and olora["mode"] == "frozen")
+        start_params = self.params(self.base() if frozen_mode else start)
+        init_key = jax.random.fold_in(jax.random.key(self.config.seed), data.round)
+        variables: dict[str, Any] = {"params": start_params,
+                                     "lora": lora_lib.init(lcfg, self.model_cfg, start_params, init_key)}
+        extra: dict[str, Any] = {}
+        bank = None
+        if olora:
+            earlier = [self.adapter(h.adapter_dir) for h in previous]
+            for adapter in earlier:
+                bank = lora_lib.extend_a_bank(bank, adapter)
+            variables["a_bank"] = bank
+            if frozen_mode:
+                variables["frozen_lora"] = lora_lib.combine(earlier)
+            extra = {"olora_lambda": olora["lambda"], "olora_lambda2": olora.get("lambda2", 0.0)}
+        out = self._fit(key, variables, train_lib.lora_mask(variables), self.examples(data), settings, data=data,
+                        desc=key, **extra)
+        if self.writer:
+            lora_lib.save_peft(out["lora"], lcfg, adapter_dir, overwrite=True)
+            if olora is not None or previous:
+                lora_lib.save_a_bank(lora_lib.extend_a_bank(bank, out["lora"]),
+                                     adapter_dir / lora_lib.A_BANK_FILE)
+        self._done_with_run(key)
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def _scores_path(self, handle: ModelHandle) -> Path:
+        return self.workdir / "scores" / f"{handle.key}.json"
+
+    def _read_scores(self, handle: ModelHandle) -> dict:
+        path = self._scores_path(handle)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _write_scores(self, handle: ModelHandle, scores: dict) -> None:
+        if self.writer:
+            with atomic_file(self._scores_path(handle)) as tmp:
+                tmp.write_text(json.dumps(scores, indent=1, sort_keys=True))
+
+    def score(self, handle: ModelHandle, task: data_lib.Task) -> float:
+        """Score of a model on a task's evaluation split (cached per model and task)."""
+        scores = self._read_scores(handle)
+        if task.name in scores:
+            return scores[task.name]
+        e = self.config.eval
+        result = evaluate_task(handle.cfg, self.params(handle), task, self.tokenizer, split=e.split,
+                               limit=e.limit or None, max_prompt_len=e.max_prompt_len, batch_size=e.batch_size)
+        if self.writer:
+            path = self.workdir / "predictions" / handle.key / f"{task.name.replace('/', '_')}.jsonl"
+            with atomic_file(path) as tmp:
+                tmp.write_text("".join(json.dumps({"prediction": p, "reference": r}) + "\n"
+                                       for p, r in zip(result.predictions, result.references, strict=True)))
+        scores = {**self._read_scores(handle), task.name: result.score}
+        self._write_scores(handle, scores)
+        return result.score
+
+    def old_score(self, handle: ModelHandle) -> float | None:
+        """Mean over the old-knowledge suite (the old task and the multiple-choice files); None if empty."""
+        values = []
+        if self.old_task is not None:
+            values.append(self.score(handle, self.old_task))
+        for path, rows in self.old_mc:
+            name = f"mc:{Path(path).name}"
+            scores = self._read_scores(handle)
+            if name not in scores:
+                scores[name] = multiple_choice(handle.cfg, self.params(handle), self.tokenizer, rows)["acc_norm"]
+                self._write_scores(handle, {**self._read_scores(handle), name: scores[name]})
+            values.append(scores[name])
+        return float(np.mean(values)) if values else None
+
+    # --------------------------------------------------------------------------------------- strategies
+    def run_strategy(self, name: str, model_for_round: Callable[[int], ModelHandle],
+                     on_round: Callable[[int], None] | None = None) -> dict:
+        """Evaluate a strategy round by round; its R matrix, old scores, derived measures and seconds."""
+        record_path = self.workdir / "strategies" / f"{name}.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"rounds": {}}
+        n = self.num_rounds
+        base = self.base()
+        rows = [[self.score(base, t) for t in self.tasks]]
+        old = [self.old_score(base)]
+        for j in range(1, n + 1):
+            start = time.perf_counter()
+            handle = model_for_round(j)
+            visible = self.tasks if self.config.eval.later_tasks else self.tasks[:j]
+            row = [self.score(handle, t) for t in visible] + [math.nan] * (n - len(visible))
+            rows.append(row)
+            old.append(self.old_score(handle))
+            if record["rounds"].get(str(j), {}).get("model") != handle.key:
+                record["rounds"][str(j)] = {"model": handle.key, "seconds": time.perf_counter() - start}
+                if self.writer:
+                    with atomic_file(record_path) as tmp:
+                        tmp.write_text(json.dumps(record, indent=1))
+            if on_round is not None:
+                on_round(j)
+        R = np.asarray(rows, dtype=np.float64)
+        old_vector = None if all(v is None for v in old) else [math.nan if v is None else v for v in old]
+        measures = summarize(R, old_vector)
+        return {
+            "R": _json_matrix(R),
+            "old": [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in old],
+            "new": measures["new"], "recent": measures["recent"], "op": measures["op"], "bwt": measures["bwt"],
+            "models": [record["rounds"][str(j)]["model"] for j in range(1, n + 1)],
+            "seconds": float(sum(r["seconds"] for r in record["rounds"].values())),
+        }
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
+
+
+def _data_settings(config: ml_collections.ConfigDict) -> dict:
+    """The data settings that change what a training sees (part of every training's key)."""
+    d = config.data
+    return {"kind": d.kind, "num_rounds": d.num_rounds, "facts": d.facts_per_domain, "synthetic_seed": d.synthetic_seed,
+            "trace_variant": d.trace_variant, "tasks": d.tasks, "train_limit": d.train_limit, "tokenizer": d.tokenizer,
+            "seq_len": d.seq_len, "batch_size": d.batch_size, "packing": d.packing}
+
+
+def _training_settings(settings: ml_collections.ConfigDict) -> dict:
+    """Settings that change a training's result (checkpoint frequency does not): part of its key."""
+    return {k: v for k, v in settings.to_dict().items() if k != "checkpoint_every"}
+
+
+def _json_matrix(R: np.ndarray) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else float(v) for v in row] for row in R]

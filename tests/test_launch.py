@@ -1,0 +1,172 @@
+"""The experiment runner end to end: config errors, a TRACE smoke run, resumption after a kill, reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxcollab import launch
+from jaxcollab.protocols import ExperimentConfigError, experiment_config, validate
+from jaxcollab.protocols.config import SEMI_STRATEGIES
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE_ROOT = REPO.parent / "shared" / "data" / "trace"
+SMALL = {  # a reduced embedded config: a small model, two rounds of 16 facts, few steps
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "data.num_rounds": 2,
+    "data.facts_per_domain": 16, "base_train.epochs": 6, "fft.epochs": 8, "lora.epochs": 8,
+    "fft.checkpoint_every": 2, "lora.checkpoint_every": 2, "eval.batch_size": 16, "mesh.fsdp": 1,
+    "progress": False,
+}
+
+
+def small_config(setting="semi", **changes):
+    config = experiment_config(setting)
+    for key, value in {**SMALL, **changes}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def as_flags(setting="semi", **changes):
+    return [f"--config={REPO / 'configs' / f'{setting}.py'}",
+            *(f"--config.{k}={v}" for k, v in {**SMALL, **changes}.items())]
+
+
+def launch_cmd(*args, worker=None):
+    head = [sys.executable, str(Path(__file__).with_name("launch_worker.py")), worker] if worker else \
+        [sys.executable, "-m", "jaxcollab.launch"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return subprocess.run([*head, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def without_seconds(results):
+    out = json.loads(json.dumps(results))
+    for s in out["strategies"].values():
+        s.pop("seconds")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ config errors
+def test_unknown_config_key_names_it_and_lists_the_valid_ones():
+    error = launch.check_overrides([f"--config={REPO}/configs/semi.py", "--config.model.hiddn_size=3"])
+    assert "unknown config key 'model.hiddn_size'" in error and "hidden_size" in error and "num_layers" in error
+    error = launch.check_overrides([f"--config={REPO}/configs/semi.py", "--config.modle.x=3"])
+    assert "the config has no 'modle'" in error and "model" in error and "strategies" in error
+    assert launch.check_overrides([f"--config={REPO}/configs/semi.py", "--config.model.hidden_size=64"]) is None
+    error = launch.check_overrides([f"--config={REPO}/configs/semi.py:huge"])
+    assert "unknown config variant 'huge'" in error and "tiny_trace" in error
+    result = launch_cmd(f"--config={REPO}/configs/full.py", "--config.replay.w_hits=0.2")
+    assert result.returncode == 2 and "valid keys there: w_hist" in result.stderr
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    config = experiment_config("semi")
+    config.strategies = "seq_lora,magic_merge"
+    with pytest.raises(ExperimentConfigError, match=r"unknown strategy 'magic_merge'.*seq_fft, seq_lora"):
+        validate(config)
+    config = experiment_config("full")
+    config.strategies = "seq_fft"
+    with pytest.raises(ExperimentConfigError, match=r"'seq_fft' for the full setting; valid strategies: joint_fft"):
+        validate(config)
+
+
+def test_trace_variant_without_trace_root_fails_at_once(monkeypatch):
+    monkeypatch.delenv("JAXCOLLAB_TRACE_ROOT", raising=False)
+    config = experiment_config("semi", "tiny_trace")
+    with pytest.raises(ExperimentConfigError, match=r"config.data.trace_root=''.*JAXCOLLAB_TRACE_ROOT"):
+        validate(config)
+    config = experiment_config("semi", "llama3_8b_trace")
+    config.data.trace_root = str(TRACE_ROOT)
+    with pytest.raises(ExperimentConfigError, match=r"config.model.path=.*local Hugging Face Llama directory"):
+        validate(config)
+
+
+def test_olora_lambdas_expand_into_one_strategy_each():
+    from jaxcollab.protocols import strategy_names
+
+    config = experiment_config("semi")
+    config.strategies = "seq_lora,olora"
+    config.olora.lambdas = "0.1,0.5"
+    assert strategy_names(config) == ["seq_lora", "olora_0.1", "olora_0.5"]
+    assert set(experiment_config("semi").strategies.split(",")) == set(SEMI_STRATEGIES) - {"moe_router"}
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason="../shared/data/trace is not beside the repository")
+def test_tiny_trace_runs_end_to_end(tmp_path):
+    config = experiment_config("semi", "tiny_trace")
+    config.data.trace_root = str(TRACE_ROOT)
+    config.data.train_limit = 8
+    config.eval.limit = 4
+    config.eval.max_prompt_len = 256
+    config.strategies = "seq_lora,avg_fft,moe_gateless"
+    config.base_train.epochs = 1.0
+    config.mesh.fsdp = 1
+    config.progress = False
+    path = launch.run(config, tmp_path)
+    results = json.loads(path.read_text())
+    assert results["setting"] == "semi" and results["tasks"] == ["C-STANCE", "FOMC", "Py150"]
+    assert set(results["strategies"]) == {"seq_lora", "avg_fft", "moe_gateless"}
+    for s in results["strategies"].values():
+        assert len(s["R"]) == 4 and all(len(row) == 3 for row in s["R"])
+        # Row 0 is the base on every task; row j has the tasks of rounds 1..j and nothing above the diagonal.
+        assert all(v is not None for v in s["R"][0])
+        for j, row in enumerate(s["R"][1:], start=1):
+            assert all(v is not None for v in row[:j]) and all(v is None for v in row[j:])
+        assert len(s["old"]) == 4 and len(s["new"]) == len(s["op"]) == len(s["bwt"]) == 3
+        assert s["seconds"] > 0
+    assert (tmp_path / "report.md").read_text().startswith("# Semi-collaborative setting: 3 rounds")
+    for png in ("knowledge.png", "R_matrices.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_killed_mid_round_and_rerun_gives_the_same_results(tmp_path):
+    flags = as_flags(strategies="seq_fft,seq_lora,avg_fft")
+    clean = launch_cmd(*flags, f"--workdir={tmp_path / 'clean'}")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert clean.stdout.strip().splitlines()[-1] == f"results: {tmp_path / 'clean' / 'results.json'}"
+    assert "seq_fft: new" in clean.stdout
+
+    crashed = launch_cmd(*flags, f"--workdir={tmp_path / 'crashed'}", worker="seq_lora-r2:5")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert not (tmp_path / "crashed" / "results.json").exists()
+    interrupted = list((tmp_path / "crashed" / "runs").glob("seq_lora-r2-*/checkpoints/*"))
+    assert interrupted, "the killed training left no checkpoint to resume from"
+    again = launch_cmd(*flags, f"--workdir={tmp_path / 'crashed'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    clean_results = json.loads((tmp_path / "clean" / "results.json").read_text())
+    resumed_results = json.loads((tmp_path / "crashed" / "results.json").read_text())
+    assert without_seconds(resumed_results) == without_seconds(clean_results)
+    # Nothing finished before the kill was trained again: the first round's models were not rewritten.
+    first = sorted((tmp_path / "crashed" / "models").glob("fft-task1-*"))
+    assert len(first) == 1
+
+
+def test_finished_work_is_never_redone(tmp_path, monkeypatch):
+    config = small_config(strategies="seq_fft,avg_fft")
+    first = json.loads(launch.run(config, tmp_path).read_text())
+    from jaxcollab import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(train.Trainer, "fit", refuse)
+    second = json.loads(launch.run(config, tmp_path).read_text())
+    assert without_seconds(second) == without_seconds(first)
+
+
+def test_full_setting_shares_round_one_with_the_semi_ingredients(tmp_path):
+    semi = json.loads(launch.run(small_config(strategies="seq_fft"), tmp_path).read_text())
+    full = json.loads(launch.run(small_config("full", strategies="joint_fft,replay_fft"), tmp_path).read_text())
+    round_one = semi["strategies"]["seq_fft"]["models"][0]
+    assert full["strategies"]["joint_fft"]["models"][0] == round_one == full["strategies"]["replay_fft"]["models"][0]
+    assert full["strategies"]["joint_fft"]["models"][1] != full["strategies"]["replay_fft"]["models"][1]
+    assert full["strategies"]["joint_fft"]["R"][1] == semi["strategies"]["seq_fft"]["R"][1]

@@ -1,0 +1,41 @@
+"""report.md and the plots from a results dict written out by hand."""
+
+from jaxcollab import report
+
+RESULTS = {
+    "setting": "semi",
+    "tasks": ["synthetic/round1", "synthetic/round2"],
+    "old_knowledge": ["synthetic/old"],
+    "strategies": {
+        "seq_fft": {"R": [[0.0, 0.1], [0.9, None], [0.2, 1.0]], "old": [1.0, 0.5, 0.25], "new": [0.9, 1.0],
+                    "recent": [None, 0.2], "op": [0.9, 0.6], "bwt": [None, -0.7], "seconds": 12.4},
+        "avg_lora": {"R": [[0.0, 0.1], [0.8, None], [0.4, 0.3]], "old": [1.0, 0.75, 0.625], "new": [0.8, 0.3],
+                     "recent": [None, 0.4], "op": [0.8, 0.35], "bwt": [None, -0.4], "seconds": 3.0},
+    },
+    "config": {},
+}
+
+
+def test_markdown_has_the_final_round_table_and_every_matrix():
+    text = report.markdown(RESULTS)
+    assert text.startswith("# Semi-collaborative setting: 2 rounds")
+    assert "| seq_fft | 1.000 | 0.200 | 0.250 | 0.600 | -0.700 | 12 |" in text
+    assert "| avg_lora | 0.300 | 0.400 | 0.625 | 0.350 | -0.400 | 3 |" in text
+    assert "| round 1 | 0.900 | – | 0.500 |" in text  # not evaluated above the diagonal
+    assert text.count("### ") == 2
+
+
+def test_write_report_makes_the_markdown_and_two_pngs(tmp_path):
+    written = report.write_report(RESULTS, tmp_path)
+    assert [p.name for p in written] == ["report.md", "knowledge.png", "R_matrices.png"]
+    for path in written[1:]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_seed_table_reports_each_run_and_the_spread():
+    other = {**RESULTS, "config": {"seed": 1}, "strategies": {
+        name: {**s, "op": [s["op"][0], s["op"][1] - 0.1]} for name, s in RESULTS["strategies"].items()}}
+    rows = report.seed_table([{**RESULTS, "config": {"seed": 0}}, other], measures=("op",))
+    assert rows[0] == "| strategy | OP (seed 0) | OP (seed 1) | OP spread |"
+    assert rows[2] == "| seq_fft | 0.600 | 0.500 | 0.100 |"
