@@ -170,3 +170,28 @@ def test_full_setting_shares_round_one_with_the_semi_ingredients(tmp_path):
     assert full["strategies"]["joint_fft"]["models"][0] == round_one == full["strategies"]["replay_fft"]["models"][0]
     assert full["strategies"]["joint_fft"]["models"][1] != full["strategies"]["replay_fft"]["models"][1]
     assert full["strategies"]["joint_fft"]["R"][1] == semi["strategies"]["seq_fft"]["R"][1]
+
+
+def test_router_training_and_frozen_olora_with_several_lambdas(tmp_path):
+    from jaxcollab import model
+
+    config = small_config(strategies="moe_noisy,moe_router,olora")
+    config.olora.mode = "frozen"
+    config.olora.lambdas = "0.1,1"
+    results = json.loads(launch.run(config, tmp_path).read_text())
+    assert list(results["strategies"]) == ["moe_noisy", "moe_router", "olora_0.1", "olora_1"]
+    routed_key = results["strategies"]["moe_router"]["models"][-1]
+    noisy_key = results["strategies"]["moe_noisy"]["models"][-1]
+    assert routed_key != noisy_key
+    cfg, routed = model.load_hf(tmp_path / "models" / routed_key)
+    assert cfg.num_experts == 2 and cfg.num_experts_per_tok == 2
+    # Only the routers trained: the experts are the FFT ingredients' MLPs, bit for bit.
+    ingredient = next((tmp_path / "models").glob("fft-task2-*"))
+    _, expert = model.load_hf(ingredient)
+    assert (routed["layers"]["mlp"]["up_proj"]["kernel"][:, 1] == expert["layers"]["mlp"]["up_proj"]["kernel"]).all()
+    # Frozen o-LoRA keeps every round's adapter (and its A bank) beside the base.
+    for name in ("olora_0.1", "olora_1"):
+        last = tmp_path / "adapters" / results["strategies"][name]["models"][-1]
+        assert (last / "adapter_model.safetensors").is_file() and (last / "olora_a_bank.safetensors").is_file()
+    assert results["strategies"]["olora_0.1"]["models"][1] != results["strategies"]["olora_1"]["models"][1]
+    assert results["strategies"]["olora_0.1"]["models"][0] == results["strategies"]["olora_1"]["models"][0]

@@ -23,6 +23,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxcollab.data.tasks import PAPER_TASK_ORDER
+
 VARIANTS = ("embedded", "tiny_trace", "llama3_8b_trace")
 SETTINGS = ("semi", "full")
 SEMI_STRATEGIES = ("seq_fft", "seq_lora", "olora", "avg_fft", "avg_lora", "ties_lora", "dare_ties_lora",
@@ -32,7 +34,6 @@ DEFAULT_STRATEGIES = {
     "semi": ",".join(s for s in SEMI_STRATEGIES if s != "moe_router"),
     "full": ",".join(FULL_STRATEGIES),
 }
-PAPER_TRACE_TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "20Minuten", "MetaMath")
 # Per-task epochs of TRACE's training scripts (C-STANCE 5, FOMC 3, MeetingBank 7, Py150 5, ScienceQA 3,
 # NumGLUE-cm 5, NumGLUE-ds 5, 20Minuten 7); MetaMathQA (395k rows) is trained for one epoch.
 TRACE_EPOCHS = {"C-STANCE": 5, "FOMC": 3, "MeetingBank": 7, "Py150": 5, "ScienceQA": 3, "NumGLUE-cm": 5,
@@ -173,7 +174,7 @@ def experiment_config(setting: str, variant: str | None = None) -> ml_collection
         c.model.remat_policy = "dots_no_batch"
         c.data.kind = "trace"
         c.data.trace_root = os.environ.get("JAXCOLLAB_TRACE_ROOT", "")
-        c.data.tasks = ",".join(PAPER_TRACE_TASKS)
+        c.data.tasks = ",".join(PAPER_TASK_ORDER)
         c.data.tokenizer = ""
         c.data.seq_len = 2048
         c.data.batch_size = 64

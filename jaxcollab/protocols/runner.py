@@ -218,6 +218,13 @@ class Runner:
             self._params_cache.popitem(last=False)
         return params
 
+    def _claim_params(self, handle: ModelHandle) -> dict:
+        """The parameters of `handle`, owned by the caller (out of the cache, which is emptied to free memory
+        for a full fine-tuning that will consume them)."""
+        params = self._params_cache.pop(handle.key, None)
+        self._params_cache.clear()
+        return params if params is not None else handle.build()
+
     def _load_full(self, path: Path) -> Callable[[], dict]:
         cfg = self.model_cfg
 
@@ -251,7 +258,7 @@ class Runner:
         examples = self.old_task.examples("train")
         variables = {"params": params}
         out = self._fit(key, variables, train_lib.full_finetune_mask(variables), examples, self.config.base_train,
-                        desc="base")
+                        desc="base", donate=True)
         self._save_full(out["params"], path)
 
     def fine_tune(self, start: ModelHandle, data: DataSpec, method: str, *, olora: dict | None = None,
@@ -261,11 +268,12 @@ class Runner:
         olora (LoRA only): {"lambda": λ, "lambda2": λ2, "mode": merged|frozen, "previous": [lora handles]}:
         the earlier rounds' adapters give the A bank; in frozen mode they also stay as frozen overlays.
         """
-        settings = {"fft": self.config.fft, "lora": self.config.lora}.get(method)
-        if method == "router":
-            settings = self.config.moe.router_train
-        if settings is None:
-            raise ValueError(f"unknown fine-tuning method {method!r}")
+        methods = {"fft": self.config.fft, "lora": self.config.lora}
+        if self.config.setting == "semi":
+            methods["router"] = self.config.moe.router_train
+        if method not in methods:
+            raise ValueError(f"unknown fine-tuning method {method!r}; valid: {', '.join(methods)}")
+        settings = methods[method]
         previous = list((olora or {}).get("previous", []))
         spec: dict[str, Any] = {"start": start.key, "data": dataclasses.asdict(data), "method": method,
                                 "settings": _training_settings(settings), "seed": self.config.seed,
@@ -333,12 +341,12 @@ class Runner:
 
     def _fit(self, key: str, variables: dict, mask: Any, examples: Sequence[dict],
              settings: ml_collections.ConfigDict, *, data: DataSpec | None = None, desc: str = "",
-             cfg: model_lib.LlamaConfig | None = None, **extra: Any) -> dict:
+             cfg: model_lib.LlamaConfig | None = None, donate: bool = False, **extra: Any) -> dict:
         seed = self.config.seed + (data.round if data else 0)
         steps = self._num_steps(examples, self._epochs(settings, data), seed)
         run_dir = self.workdir / "runs" / key
         trainer = train_lib.Trainer(cfg or self.model_cfg, self._train_config(settings, steps, **extra), variables,
-                                    mask, workdir=run_dir, mesh=self.mesh)
+                                    mask, workdir=run_dir, mesh=self.mesh, donate_variables=donate)
         logger.info("training %s: %d steps on %d examples", desc or key, steps, len(examples))
         out = trainer.fit(iter(self._pipeline(examples, seed, num_epochs=None)), desc=desc or key)
         return out
@@ -352,7 +360,7 @@ class Runner:
 
     def _train_full(self, key: str, path: Path, start: ModelHandle, data: DataSpec, method: str,
                     settings: ml_collections.ConfigDict) -> None:
-        variables = {"params": self.params(start)}
+        variables = {"params": self._claim_params(start)}  # trained in place: no second copy of the model
         if method == "router":
             mask = train_lib.router_mask(variables)
             extra = {"router_aux_coef": self.config.moe.router_aux_coef}
@@ -360,7 +368,7 @@ class Runner:
             mask = train_lib.full_finetune_mask(variables)
             extra = {}
         out = self._fit(key, variables, mask, self.examples(data), settings, data=data, desc=key, cfg=start.cfg,
-                        **extra)
+                        donate=True, **extra)
         self._save_full(out["params"], path, start.cfg)
         self._done_with_run(key)
 
