@@ -40,6 +40,7 @@ from jaxcollab.atomic import atomic_directory, atomic_file
 from jaxcollab.model.config import LlamaConfig, dtype_name
 from jaxcollab.model.safetensors_io import CheckpointError, SafetensorsFile, TensorToWrite, write_safetensors
 from jaxcollab.model.sharding import LOGICAL_RULES, logical_to_spec
+from jaxcollab.trees import find_path, set_path
 
 # Module kind -> path of its kernel in the parameter tree (and of its factors in the adapter).
 TARGET_PATHS: dict[str, tuple[str, ...]] = {
@@ -110,30 +111,16 @@ class LoraAdapter:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(t for t, path in TARGET_PATHS.items() if _lookup(self.weights, path) is not None)
+        return tuple(t for t, path in TARGET_PATHS.items() if find_path(self.weights, path) is not None)
 
     @property
     def rank(self) -> int:
-        first = _lookup(self.weights, TARGET_PATHS[self.targets[0]])
+        first = find_path(self.weights, TARGET_PATHS[self.targets[0]])
         return int(first["lora_A"].shape[1])
 
     def factors(self, target: str) -> tuple[jax.Array, jax.Array]:
-        node = _lookup(self.weights, TARGET_PATHS[target])
+        node = find_path(self.weights, TARGET_PATHS[target])
         return node["lora_A"], node["lora_B"]
-
-
-def _lookup(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _module_name(target: str, layer: int) -> str:
@@ -197,7 +184,7 @@ def logical_axes(adapter: LoraAdapter) -> dict:
     out: dict = {}
     for target in adapter.targets:
         d_in, d_out = _KERNEL_AXES[target]
-        _set(out, TARGET_PATHS[target], {"lora_A": ("layers", "lora_rank", d_in),
+        set_path(out, TARGET_PATHS[target], {"lora_A": ("layers", "lora_rank", d_in),
                                          "lora_B": ("layers", d_out, "lora_rank")})
     return out
 
@@ -242,7 +229,7 @@ def init(lora_cfg: LoraConfig, model_cfg: LlamaConfig, params: dict | None, key:
             a = jax.random.uniform(target_key, a_shape, jnp.float32, -bound, bound)
         else:
             a = jax.random.normal(target_key, a_shape, jnp.float32) / lora_cfg.rank
-        _set(weights, TARGET_PATHS[target], {"lora_A": a.astype(dtype), "lora_B": jnp.zeros(b_shape, dtype)})
+        set_path(weights, TARGET_PATHS[target], {"lora_A": a.astype(dtype), "lora_B": jnp.zeros(b_shape, dtype)})
     adapter = LoraAdapter(weights, lora_cfg.scaling, lora_cfg.dropout)
     return shard_like_params(adapter, params) if params is not None else adapter
 
@@ -259,8 +246,8 @@ def _merge_jit(params: dict, adapter: LoraAdapter) -> dict:
     merged = jax.tree.map(lambda x: x, params)
     for target in adapter.targets:
         path = (*TARGET_PATHS[target], "kernel")
-        kernel = _lookup(params, path)
-        _set(merged, path, (kernel.astype(jnp.float32) + delta(adapter, target)).astype(kernel.dtype))
+        kernel = find_path(params, path)
+        set_path(merged, path, (kernel.astype(jnp.float32) + delta(adapter, target)).astype(kernel.dtype))
     return merged
 
 
@@ -296,7 +283,7 @@ def combine(adapters: Sequence[LoraAdapter]) -> LoraAdapter:
                 a, b = adapter.factors(target)
                 a_parts.append(a)
                 b_parts.append(b * jnp.asarray(adapter.scaling, b.dtype))
-        _set(weights, TARGET_PATHS[target], {"lora_A": jnp.concatenate(a_parts, axis=1),
+        set_path(weights, TARGET_PATHS[target], {"lora_A": jnp.concatenate(a_parts, axis=1),
                                              "lora_B": jnp.concatenate(b_parts, axis=2)})
     return LoraAdapter(weights, 1.0, max(a.dropout for a in adapters))
 
@@ -311,7 +298,7 @@ def orthogonality_penalty(adapter: LoraAdapter, previous_a: dict | None) -> jax.
     if previous_a is None:
         return total
     for target in adapter.targets:
-        prev = _lookup(previous_a, TARGET_PATHS[target])
+        prev = find_path(previous_a, TARGET_PATHS[target])
         if prev is None:
             continue
         a_new = adapter.factors(target)[0].astype(jnp.float32)
@@ -336,8 +323,8 @@ def extend_a_bank(bank: dict | None, adapter: LoraAdapter) -> dict:
     out: dict = jax.tree.map(lambda x: x, bank) if bank else {}
     for target in adapter.targets:
         a = adapter.factors(target)[0]
-        prev = _lookup(out, TARGET_PATHS[target])
-        _set(out, TARGET_PATHS[target],
+        prev = find_path(out, TARGET_PATHS[target])
+        set_path(out, TARGET_PATHS[target],
              {"lora_A": a if prev is None else jnp.concatenate([prev["lora_A"], a.astype(prev["lora_A"].dtype)], 1)})
     return out
 
@@ -347,7 +334,7 @@ def save_a_bank(bank: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = []
     for tpath in TARGET_PATHS.values():
-        node = _lookup(bank, tpath)
+        node = find_path(bank, tpath)
         if node is not None:
             value = node["lora_A"]
             tensors.append(TensorToWrite(".".join(tpath) + ".lora_A", tuple(value.shape),
@@ -364,7 +351,7 @@ def load_a_bank(path: str | os.PathLike) -> dict:
     for name in file.names():
         if name not in by_name:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} in an o-LoRA A bank")
-        _set(bank, by_name[name], {"lora_A": jnp.asarray(np.array(file.tensor(name)))})
+        set_path(bank, by_name[name], {"lora_A": jnp.asarray(np.array(file.tensor(name)))})
     return bank
 
 
@@ -481,7 +468,7 @@ def load_peft(
                     )
                 layers.append(np.asarray(value, dtype=np_dtype))
             stacked[factor] = jnp.asarray(np.stack(layers))
-        _set(weights, TARGET_PATHS[target], stacked)
+        set_path(weights, TARGET_PATHS[target], stacked)
     adapter = LoraAdapter(weights, lora_cfg.scaling, lora_cfg.dropout)
     if params is not None:
         adapter = shard_like_params(adapter, params)

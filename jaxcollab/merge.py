@@ -25,15 +25,12 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxcollab.cli import UsageError, check_input_dirs, check_output_dir, run_command
 
 DTYPES = ("float32", "bfloat16")
-
-
-class UsageError(ValueError):
-    """Command-line arguments that do not describe a merge."""
 
 
 def _define_flags() -> None:
@@ -84,11 +81,7 @@ def validate(args: MergeArgs) -> None:
     """Check everything that can be checked before loading a model (so a bad call costs nothing)."""
     from jaxcollab import merging
 
-    if not args.out:
-        raise UsageError("--out is required: the output model directory")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"--out={out} exists and is not empty; choose a new directory or pass --overwrite")
+    check_output_dir(args.out, args.overwrite)
     if args.models and args.adapters:
         raise UsageError("give either --models (full models) or --adapters (PEFT adapters), not both")
     if not args.models and not args.adapters:
@@ -115,9 +108,7 @@ def validate(args: MergeArgs) -> None:
         raise UsageError("--scale applies to --models merges only")
     if not args.base and not (args.models and args.method == "average"):
         raise UsageError("--base is required (the model the fine-tuned models or adapters started from)")
-    for path in ([args.base] if args.base else []) + list(inputs):
-        if not Path(path).is_dir():
-            raise UsageError(f"{path}: no such directory")
+    check_input_dirs(([args.base] if args.base else []) + list(inputs))
 
 
 def _config_differences(a: object, b: object) -> list[str]:
@@ -168,30 +159,20 @@ def run(args: MergeArgs) -> str:
 
 
 def _main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {list(argv[1:])}; see --help", file=sys.stderr)
-        return 2
     from jaxcollab.lora import LoraError
     from jaxcollab.merging import MergeError
     from jaxcollab.model import CheckpointError, ConfigError
 
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    try:
-        args = MergeArgs(
+
+    def make_args() -> MergeArgs:
+        return MergeArgs(
             method=f.method, out=f.out, base=f.base, models=tuple(f.models), adapters=tuple(f.adapters),
             weights=parse_weights(f.weights), density=f.density, seed=f.seed, dtype=f.dtype,
             majority_sign_method=f.majority_sign_method, scale=f.scale, overwrite=f.overwrite,
         )
-        summary = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (MergeError, LoraError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+
+    return run_command(argv, make_args, run, (MergeError, LoraError, CheckpointError, ConfigError))
 
 
 def main() -> None:

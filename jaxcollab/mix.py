@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxcollab.cli import UsageError, check_input_dirs, check_output_dir, run_command
 
 DTYPES = ("float32", "bfloat16")
-
-
-class UsageError(ValueError):
-    """Command-line arguments that do not describe a mixture."""
 
 
 def _define_flags() -> None:
@@ -69,18 +66,12 @@ class MixArgs:
 
 def validate(args: MixArgs) -> None:
     """Everything that can be checked before loading a model."""
-    if not args.out:
-        raise UsageError("--out is required: the output model directory")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"--out={out} exists and is not empty; choose a new directory or pass --overwrite")
+    check_output_dir(args.out, args.overwrite)
     if not args.base:
         raise UsageError("--base is required (the model the experts were fine-tuned from)")
     if not args.experts:
         raise UsageError("--experts needs at least one fine-tuned model directory")
-    for path in (args.base, *args.experts):
-        if not Path(path).is_dir():
-            raise UsageError(f"{path}: no such directory")
+    check_input_dirs((args.base, *args.experts))
     num_experts = len(args.experts) + int(args.include_base)
     if args.router != "gateless" and not 1 <= args.top_k <= num_experts:
         raise UsageError(f"--top-k={args.top_k} must be between 1 and the number of experts ({num_experts})")
@@ -146,29 +137,19 @@ def run(args: MixArgs) -> str:
 
 
 def _main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {list(argv[1:])}; see --help", file=sys.stderr)
-        return 2
     from jaxcollab.model import CheckpointError, ConfigError
     from jaxcollab.moe import MixError
 
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    try:
-        args = MixArgs(
+
+    def make_args() -> MixArgs:
+        return MixArgs(
             base=f.base, experts=tuple(f.experts), out=f.out, router=f.router, top_k=f["top-k"].value,
             prompts=f.prompts, tokenizer=f.tokenizer, shared=f.shared, include_base=f.include_base,
             noise_std=f.noise_std, seed=f.seed, dtype=f.dtype, overwrite=f.overwrite,
         )
-        summary = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (MixError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0
+
+    return run_command(argv, make_args, run, (MixError, CheckpointError, ConfigError))
 
 
 def main() -> None:

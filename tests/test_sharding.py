@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxcollab import model
 from jaxcollab.model import hf as hf_io
 from jaxcollab.model import sharding
+from jaxcollab.trees import get_path
 
 SHARDABLE = dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=32, intermediate_size=48,
                  vocab_size=64, num_hidden_layers=3)
@@ -53,11 +54,11 @@ def test_load_into_mesh_gives_intended_shardings(hf_llama, mesh, monkeypatch):
         ("lm_head", "kernel"): P("fsdp", "tensor"),
     }
     for path, spec in expected.items():
-        leaf = hf_io._get(params, path)
+        leaf = get_path(params, path)
         assert leaf.sharding.mesh == mesh and leaf.sharding.spec == spec, path
         assert len(leaf.sharding.device_set) == 8
     # Every sharded parameter was read one device slice at a time, never whole.
-    q_shape = hf_io._get(params, ("layers", "self_attn", "q_proj", "kernel")).shape
+    q_shape = get_path(params, ("layers", "self_attn", "q_proj", "kernel")).shape
     assert largest_read[q_shape] == np.prod(q_shape) // 4
 
 

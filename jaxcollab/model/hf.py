@@ -36,6 +36,7 @@ from jaxcollab.model.config import LlamaConfig, dtype_name
 from jaxcollab.model.llama import param_shapes, param_shardings
 from jaxcollab.model.safetensors_io import CheckpointError, SafetensorsFile, TensorToWrite, write_safetensors
 from jaxcollab.model.sharding import LOGICAL_RULES, Rules, single_device_mesh
+from jaxcollab.trees import get_path, set_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +106,6 @@ def _llama_tensors(cfg: LlamaConfig) -> list[TensorMap]:
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", True))
     return maps
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -201,13 +190,13 @@ def _check_shapes(
     ckpt: CheckpointDir, cfg: LlamaConfig, tmaps: list[TensorMap], shapes: dict, config_path: Path
 ) -> None:
     present = set(ckpt.names())
-    names = {t: t.hf_names(_get(shapes, t.path).shape) for t in tmaps}
+    names = {t: t.hf_names(get_path(shapes, t.path).shape) for t in tmaps}
     missing = [n for t in tmaps for n in names[t] if n not in present]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{ckpt.path}: tensors required by {config_path} are missing: {shown}")
     for tmap in tmaps:
-        expected = tmap.hf_shape(_get(shapes, tmap.path).shape)
+        expected = tmap.hf_shape(get_path(shapes, tmap.path).shape)
         for name in names[tmap]:
             actual = ckpt.tensor(name).shape
             if tuple(actual) != expected:
@@ -255,10 +244,10 @@ def load_hf(
     np_dtype = np.dtype(cfg.storage_dtype)
     params: dict = {}
     for tmap in tmaps:
-        shape = _get(shapes, tmap.path).shape
-        sharding: NamedSharding = _get(shardings, tmap.path)
+        shape = get_path(shapes, tmap.path).shape
+        sharding: NamedSharding = get_path(shardings, tmap.path)
         array = jax.make_array_from_callback(shape, sharding, _slice_reader(ckpt, tmap, shape, np_dtype))
-        _set(params, tmap.path, array)
+        set_path(params, tmap.path, array)
     return cfg, params
 
 
@@ -273,7 +262,7 @@ def _host_array(value: jax.Array, index: tuple[int, ...]) -> np.ndarray:
 
 def _tensors_to_write(cfg: LlamaConfig, params: dict, np_dtype: np.dtype) -> Iterator[TensorToWrite]:
     for tmap in _llama_tensors(cfg):
-        value = _get(params, tmap.path)
+        value = get_path(params, tmap.path)
         for index in tmap.stack_indices(tuple(value.shape)):
 
             def produce(value: jax.Array = value, index: tuple = index, tmap: TensorMap = tmap) -> np.ndarray:

@@ -434,13 +434,21 @@ def forward(
     positions: [B, T] RoPE positions; by default derived from the two masks (see `default_positions`).
     dropout_rng: a key turns on LoRA dropout (training); without one the pass is deterministic.
     """
+    return _apply(cfg, params, tokens, lora, attention_mask, segment_ids, positions, dropout_rng)
+
+
+def _apply(
+    cfg: LlamaConfig, params: dict, tokens: Array, lora: AdapterLike | None, attention_mask: Array | None,
+    segment_ids: Array | None, positions: Array | None, dropout_rng: Array | None, **apply_kwargs: Any,
+) -> Any:
+    """The model on `tokens` with the masks, positions, LoRA overlay and dropout that `forward` describes."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = default_positions(tokens, attention_mask, segment_ids)
     mask = attention_mask_4d(attention_mask, segment_ids)
     variables, runtime = _variables(params, lora, deterministic=dropout_rng is None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs)
+    return Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs, **apply_kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -457,14 +465,8 @@ def forward_with_aux(
 ) -> tuple[Array, dict]:
     """`forward` plus what the layers sow, stacked over layers: `layer_inputs` [L, B, T, d] (the residual
     stream entering each layer) and, for a mixture of experts, `router_logits` [L, B, T, E]."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if positions is None:
-        positions = default_positions(tokens, attention_mask, segment_ids)
-    mask = attention_mask_4d(attention_mask, segment_ids)
-    variables, runtime = _variables(params, lora, deterministic=dropout_rng is None)
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    logits, state = Llama(cfg, runtime).apply(variables, tokens, positions, mask, rngs=rngs,
-                                              mutable=["intermediates"])
+    logits, state = _apply(cfg, params, tokens, lora, attention_mask, segment_ids, positions, dropout_rng,
+                           mutable=["intermediates"])
     sown = state["intermediates"]["layers"]
     aux = {"layer_inputs": sown["layer_inputs"][0]}
     if cfg.is_moe:
