@@ -351,7 +351,7 @@ def load_a_bank(path: str | os.PathLike) -> dict:
     for name in file.names():
         if name not in by_name:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} in an o-LoRA A bank")
-        set_path(bank, by_name[name], {"lora_A": jnp.asarray(np.array(file.tensor(name)))})
+        set_path(bank, by_name[name], {"lora_A": jnp.asarray(file.read(name))})
     return bank
 
 
@@ -460,7 +460,7 @@ def load_peft(
             layers = []
             for layer in range(model_cfg.num_layers):
                 name = _peft_name(target, layer, factor)
-                value = file.tensor(name)
+                value = file.read(name)
                 if tuple(value.shape) != shape[1:]:
                     raise LoraError(
                         f"{file_path}: tensor {name!r} has shape {list(value.shape)} but this model with r="

@@ -3,6 +3,8 @@
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from jaxcollab.model.safetensors_io import CheckpointError, SafetensorsFile, TensorToWrite, write_safetensors
@@ -49,3 +51,35 @@ def test_offsets_inconsistent_with_shape_are_reported(tmp_path):
     path.write_bytes(raw)
     with pytest.raises(CheckpointError, match="'x'.*needs 24 bytes"):
         SafetensorsFile(path)
+
+
+@given(st.data())
+def test_read_slices_equal_numpy_slicing(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("read") / "t.safetensors"
+    shape = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=3))
+    values = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    save_file({"x": values.astype(ml_dtypes.bfloat16), "y": values}, path)
+    index = tuple(slice(data.draw(st.integers(0, n)), data.draw(st.integers(0, n))) for n in shape)
+    index = index[: data.draw(st.integers(0, len(shape)))]
+    f = SafetensorsFile(path)
+    for name in ("x", "y"):
+        got = f.read(name, index)
+        expected = f.tensor(name)[index]
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(expected).view(np.uint8))
+
+
+def test_load_hf_maps_no_file(tmp_path, monkeypatch):
+    """Device slices are read with positioned reads; no memory map keeps the checkpoint resident."""
+    from conftest import build_hf_llama
+
+    from jaxcollab import model
+
+    build_hf_llama(tmp_path / "m", max_shard_size="20KB")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_hf memory-mapped a checkpoint file")
+
+    monkeypatch.setattr(np, "memmap", refuse)
+    cfg, params = model.load_hf(tmp_path / "m")
+    assert params["layers"]["mlp"]["down_proj"]["kernel"].shape == (2, 48, 32)

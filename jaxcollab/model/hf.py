@@ -151,7 +151,7 @@ class CheckpointDir:
     def names(self) -> list[str]:
         return list(self.location)
 
-    def tensor(self, name: str) -> np.ndarray:
+    def file_of(self, name: str) -> SafetensorsFile:
         if name not in self.location:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         file = self._file(self.location[name])
@@ -159,7 +159,14 @@ class CheckpointDir:
             raise CheckpointError(
                 f"{self.path / INDEX_FILE} places tensor {name!r} in {file.path.name}, which does not contain it"
             )
-        return file.tensor(name)
+        return file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file_of(name).info(name).shape
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """One slice of a tensor, read from disk into a new array (nothing stays mapped)."""
+        return self.file_of(name).read(name, index)
 
     def source_of(self, name: str) -> str:
         return str(self.path / self.location.get(name, "?"))
@@ -176,8 +183,8 @@ def _slice_reader(
         inner = index[n_stack:]
         pieces = []
         for stack_index in np.ndindex(*(len(r) for r in outer)):
-            src = ckpt.tensor(tmap.hf_name_at(tuple(r[i] for r, i in zip(outer, stack_index, strict=True))))
-            piece = src[tuple(reversed(inner))].T if tmap.transpose else src[inner]
+            name = tmap.hf_name_at(tuple(r[i] for r, i in zip(outer, stack_index, strict=True)))
+            piece = ckpt.read(name, tuple(reversed(inner))).T if tmap.transpose else ckpt.read(name, inner)
             pieces.append(np.asarray(piece, dtype=dtype))
         if not n_stack:
             return pieces[0]
@@ -198,7 +205,7 @@ def _check_shapes(
     for tmap in tmaps:
         expected = tmap.hf_shape(get_path(shapes, tmap.path).shape)
         for name in names[tmap]:
-            actual = ckpt.tensor(name).shape
+            actual = ckpt.shape(name)
             if tuple(actual) != expected:
                 raise CheckpointError(
                     f"{ckpt.source_of(name)}: tensor {name!r} has shape {list(actual)} but {config_path}"

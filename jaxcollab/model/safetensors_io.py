@@ -1,15 +1,17 @@
 """Reading and writing safetensors files without holding a whole model in host memory.
 
-Reading memory-maps each file and hands out zero-copy numpy views, so a caller can slice one device's
-shard of one tensor and only those bytes are read from disk. Every header is validated against the file
-size first, so a truncated or corrupt file fails with an error that names the file and the tensor.
-Writing streams one tensor at a time into a file whose header is computed up front from shapes.
+Reading gives either a memory-mapped zero-copy view of a tensor (`tensor`), or one slice of it read with
+positioned reads into a fresh array (`read`): only the rows the slice covers are read, and nothing stays
+mapped afterwards, so loading a model slice by slice never keeps the files' pages resident. Every header
+is validated against the file size first, so a truncated or corrupt file fails with an error that names
+the file and the tensor. Writing streams one tensor at a time into a file whose header is computed up front from shapes.
 bfloat16 and float8 come from `ml_dtypes` (what JAX uses), so no framework is needed to read them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """A memory-mapped, validated safetensors file: `.tensor(name)` is a read-only numpy view."""
+    """A validated safetensors file: `.read(name, index)` reads a slice; `.tensor(name)` maps the whole tensor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -63,11 +65,38 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A zero-copy view; slicing it reads only the touched pages."""
+    def info(self, name: str) -> TensorInfo:
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        info = self.tensors[name]
+        return self.tensors[name]
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """`tensor[index]` as a new array (basic slices only), reading just the rows of the first axis it spans."""
+        info = self.info(name)
+        index = tuple(index) + (slice(None),) * (len(info.shape) - len(index))
+        if not info.shape:
+            rows, rest = range(1), ()
+        else:
+            rows, rest = range(info.shape[0])[index[0]], index[1:]
+            if rows.step != 1:
+                raise ValueError(f"{self.path}: tensor {name!r}: only contiguous slices can be read, got {index}")
+        row_bytes = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+        count = len(rows) * row_bytes
+        buffer = np.empty(count, np.uint8)
+        start = self._data_start + info.begin + (rows.start if len(rows) else 0) * row_bytes
+        with self.path.open("rb", buffering=0) as f:
+            view, done = memoryview(buffer), 0
+            while done < count:
+                got = os.preadv(f.fileno(), [view[done:]], start + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended early (truncated?)")
+                done += got
+        block = buffer.view(info.dtype).reshape((len(rows), *info.shape[1:]) if info.shape else ())
+        return block[(slice(None), *rest)] if info.shape else block
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A zero-copy view; slicing it reads only the touched pages."""
+        info = self.info(name)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[self._data_start + info.begin : self._data_start + info.end]
