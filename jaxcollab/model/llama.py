@@ -13,9 +13,10 @@ Design:
   mesh is active (`jax.set_mesh`). The names become mesh axes only through `sharding.LOGICAL_RULES`.
 - Attention goes through `jax.nn.dot_product_attention`, so fused kernels are used where the platform has
   them; padding masks, packed sequences (segment ids) and explicit positions are supported.
-- Decoding keeps a KV cache per layer ([L, B, S, kv_heads, head_dim], scanned with the layers like the
-  parameters): `forward_with_cache` writes the new keys/values at `cache_index` and attends over the
-  whole cache under an explicit mask (see `jaxcollab.evaluation.generate`).
+- Decoding keeps a KV cache ([L, B, S, kv_heads, head_dim]) that travels through the layer scan as part of
+  the carry: each layer writes its new keys/values in place at (layer, cache_index) and attends over its
+  own slice under an explicit mask, so a decode step writes one slot per layer instead of copying the
+  cache (see `forward_with_cache` and `jaxcollab.evaluation.generate`).
 - With `cfg.num_experts > 0` each layer's MLP is a Mixtral mixture of experts (`MoeMlp`): a bias-free
   router, softmax over experts, top-k, renormalised weights; only the chosen experts run
   (`jax.lax.ragged_dot` over tokens grouped by expert), or all of them with `moe_impl="dense"`.
@@ -195,10 +196,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
-        cache_index: Array | None = None,
+        cache_index: Array | None = None, layer: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """Without a cache: causal attention (plus `mask`). With one: keys/values are written into the cache
-        at `cache_index` and every query attends over the whole cache under `mask` [B, 1, T, S] alone."""
+        """Without a cache: causal attention (plus `mask`). With one (all layers' [L, B, S, K, hd]): this
+        layer's keys/values are written at (layer, cache_index) and every query attends over the layer's
+        slots under `mask` [B, 1, T, S] alone."""
         cfg = self.cfg
         b, t, _ = x.shape
         hd = cfg.head_dim
@@ -214,11 +216,11 @@ class Attention(nn.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
         else:
-            start = (0, cache_index, 0, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)  # type: ignore[assignment]
+            start = (layer, 0, cache_index, 0, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)  # type: ignore[misc]
                           for c, new in zip(cache, (k, v), strict=True))
-            out = jax.nn.dot_product_attention(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask=mask,
-                                               implementation=cfg.attention_impl)
+            keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(q.dtype) for c in cache)
+            out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=cfg.attention_impl)
         out = out.reshape(b, t, cfg.num_heads * hd)
         return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, self.lora, name="o_proj")(out), cache
 
@@ -324,17 +326,20 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
-        cache_index: Array | None = None,
-    ) -> tuple[Array, KVCache | None]:
+        self, carry: Array | tuple[Array, KVCache], positions: Array, mask: Array | None,
+        layer: Array | None = None, cache_index: Array | None = None,
+    ) -> tuple[Array | tuple[Array, KVCache], None]:
+        """carry: the residual stream x, or (x, the KV cache of all layers) when decoding."""
+        x, cache = carry if isinstance(carry, tuple) else (carry, None)
         self.sow("intermediates", "layer_inputs", x)
         h = RMSNorm(self.cfg, name="input_layernorm")(x)
-        attended, cache = Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask, cache, cache_index)
+        attended, cache = Attention(self.cfg, self.lora, name="self_attn")(h, positions, mask, cache, cache_index,
+                                                                          layer)
         x = x + attended
         h = RMSNorm(self.cfg, name="post_attention_layernorm")(x)
         mlp = MoeMlp(self.cfg, name="mlp") if self.cfg.is_moe else Mlp(self.cfg, self.lora, name="mlp")
-        x = x + mlp(h)
-        return constrain(x, ("batch", "length", "act_embed")), cache
+        x = constrain(x + mlp(h), ("batch", "length", "act_embed"))
+        return (x if cache is None else (x, cache)), None
 
 
 class Llama(nn.Module):
@@ -364,7 +369,10 @@ class Llama(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora, name="layers")
-        x, cache = layers(x, positions, mask, cache, cache_index) if cached else layers(x, positions, mask)
+        if cached:
+            (x, cache), _ = layers((x, cache), positions, mask, jnp.arange(cfg.num_layers), cache_index)
+        else:
+            x, _ = layers(x, positions, mask)
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg, name="norm")(x)
