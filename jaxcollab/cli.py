@@ -1,9 +1,11 @@
-"""What the command lines (`jaxcollab.merge`, `jaxcollab.mix`) share: usage errors, input and output checks,
-and one way to run a command: exit 2 for a bad call, 1 for inputs that cannot be used, 0 and a one-line
-summary on success; messages without tracebacks."""
+"""What the command lines (`jaxcollab.merge`, `jaxcollab.mix`, `jaxcollab.launch`) share: usage errors,
+input and output checks, the on-disk cache of compiled programs, and one way to run a command: exit 2 for
+a bad call, 1 for inputs that cannot be used, 0 and a one-line summary on success; messages without
+tracebacks."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -31,6 +33,36 @@ def check_input_dirs(paths: Iterable[str]) -> None:
             raise UsageError(f"{path}: no such directory")
 
 
+COMPILATION_CACHE_ENV = "JAXCOLLAB_COMPILATION_CACHE"
+DEFAULT_COMPILATION_CACHE = Path("~/.cache/jaxcollab/xla")
+
+
+def enable_compilation_cache() -> Path | None:
+    """Keep compiled XLA programs on disk (JAX's persistent compilation cache), so that running a command
+    again on the same shapes skips compiling: a merge's per-size programs, a training step after a restart.
+
+    The directory is $JAXCOLLAB_COMPILATION_CACHE (default ~/.cache/jaxcollab/xla); "off" disables it. A
+    cache directory configured for JAX already (JAX_COMPILATION_CACHE_DIR) is kept. Returns the directory.
+    """
+    import jax
+
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return Path(configured)
+    setting = os.environ.get(COMPILATION_CACHE_ENV, str(DEFAULT_COMPILATION_CACHE))
+    if setting.strip().lower() in ("", "off", "0", "false", "none"):
+        return None
+    directory = Path(setting).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logging.warning("compilation cache disabled: cannot create %s (%s)", directory, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    return directory
+
+
 def run_command(argv: Sequence[str], make_args: Callable[[], Any], run: Callable[[Any], str],
                 input_errors: tuple[type[Exception], ...]) -> int:
     """Build the arguments and run; print the summary, or the error, and return the exit code."""
@@ -38,6 +70,7 @@ def run_command(argv: Sequence[str], make_args: Callable[[], Any], run: Callable
         print(f"error: unexpected arguments {list(argv[1:])}; see --help", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache()
     try:
         summary = run(make_args())
     except UsageError as e:

@@ -124,12 +124,14 @@ def _main(argv: Sequence[str]) -> int:
         return 2
     from absl import logging as absl_logging
 
+    from jaxcollab.cli import enable_compilation_cache
     from jaxcollab.data import DataError
     from jaxcollab.model import CheckpointError, ConfigError
     from jaxcollab.model.sharding import maybe_initialize_distributed
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint step at INFO
     maybe_initialize_distributed()
+    enable_compilation_cache()
     logging.getLogger("jaxcollab").setLevel(logging.WARNING)
     try:
         path = run(_CONFIG.value, _WORKDIR.value)

@@ -5,8 +5,9 @@
 
 Two semantics (see jaxcollab.merging):
 
---models: full task vectors, as mergekit. Each model's task vector (model - base) is merged parameter by
-  parameter and added back to the base. Methods: average (uniform or weighted mean of the models, the
+--models: full task vectors, as mergekit. Each model's task vector (model - base) is merged tensor by
+  tensor, file to file (jaxcollab.merge_checkpoints: memory stays at a few copies of the largest tensor),
+  and added back to the base. Methods: average (uniform or weighted mean of the models, the
   paper's "Averaging"; --base optional), task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune.
 
 --adapters: LoRA factors merged separately, as PEFT's add_weighted_adapter (non-SVD path, what the paper
@@ -22,7 +23,6 @@ on any error nothing is written there.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Sequence
 
@@ -111,44 +111,30 @@ def validate(args: MergeArgs) -> None:
     check_input_dirs(([args.base] if args.base else []) + list(inputs))
 
 
-def _config_differences(a: object, b: object) -> list[str]:
-    ignore = {"dtype", "param_dtype", "remat_policy", "precision", "attention_impl"}
-    return [f.name for f in dataclasses.fields(a) if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)]
-
-
 def run(args: MergeArgs) -> str:
     """Perform the merge described by `args`; return a one-line summary. Raises on any error."""
     validate(args)
     import jax.numpy as jnp
 
     from jaxcollab import lora, merging, model
+    from jaxcollab.merge_checkpoints import merge_checkpoints
 
     start = time.time()
     dtype = jnp.dtype(args.dtype)
     inputs = args.models or args.adapters
     if args.models:
-        loaded = [model.load_hf(path, dtype=dtype) for path in args.models]
-        if args.base:
-            cfg, base = model.load_hf(args.base, dtype=dtype)
-        else:
-            cfg, base = loaded[0][0], None
-        for path, (model_cfg, _) in zip(args.models, loaded, strict=True):
-            different = _config_differences(cfg, model_cfg)
-            if different:
-                print(f"warning: {path}/config.json differs from the base in {different}; the base's is kept",
-                      file=sys.stderr)
-        merged = merging.merge(args.method, base, [p for _, p in loaded], weights=args.weights,
-                               density=args.density, seed=args.seed, scale=args.scale,
-                               majority_sign_method=args.majority_sign_method)
+        merge_checkpoints(args.method, args.base, args.models, args.out, weights=args.weights,
+                          density=args.density, seed=args.seed, scale=args.scale,
+                          majority_sign_method=args.majority_sign_method, dtype=args.dtype,
+                          overwrite=args.overwrite)
         what = "models (full task vectors)"
     else:
         cfg, base = model.load_hf(args.base, dtype=dtype)
         adapters = [lora.load_peft(path, cfg, dtype=jnp.float32, params=base)[0] for path in args.adapters]
         combined = merging.merge_adapters(args.method, adapters, weights=args.weights, density=args.density,
                                           seed=args.seed, majority_sign_method=args.majority_sign_method)
-        merged = lora.merge(base, combined)
+        model.save_hf(cfg, lora.merge(base, combined), args.out, dtype=dtype, overwrite=args.overwrite)
         what = "adapters (LoRA factors, as PEFT)"
-    model.save_hf(cfg, merged, args.out, dtype=dtype, overwrite=args.overwrite)
     details = [f"weights {list(args.weights) if args.weights else [1.0] * len(inputs)}"]
     if args.method in merging.SPARSIFYING_METHODS:
         details.append(f"density {args.density if args.density is not None else merging.DEFAULT_DENSITY}")

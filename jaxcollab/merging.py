@@ -155,7 +155,7 @@ def _check_sign_method(majority_sign_method: str) -> None:
         )
 
 
-def _weights_list(weights: Sequence[float] | None, n: int, what: str) -> list[float]:
+def check_weights(weights: Sequence[float] | None, n: int, what: str) -> list[float]:
     if weights is None:
         return [1.0] * n
     weights = [float(w) for w in np.asarray(weights, dtype=np.float64).reshape(-1)]
@@ -200,7 +200,7 @@ def _check_same_structure(reference: Any, ref_name: str, trees: Sequence[Any], n
             )
 
 
-def _as_key(seed: int | jax.Array) -> jax.Array:
+def as_key(seed: int | jax.Array) -> jax.Array:
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return jax.random.key(int(seed))
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
@@ -210,7 +210,7 @@ def _as_key(seed: int | jax.Array) -> jax.Array:
     raise MergeError(f"seed must be an int or a jax.random key, got {type(seed).__name__}")
 
 
-def _leaf_key(key: jax.Array, path: str) -> jax.Array:
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
@@ -221,53 +221,126 @@ def _accumulation_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _sparsify(x: jax.Array, recipe: MergeRecipe, key: jax.Array, stacked: bool) -> jax.Array:
-    """x: [n, *leaf] task tensors; returns them sparsified, each tensor (or layer slice) separately."""
+def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, stacked: bool) -> jax.Array:
+    """Model `index`'s task tensor, sparsified as a whole (or layer slice by layer slice when `stacked`)."""
     if recipe.sparsify is None or recipe.density >= 1.0:
-        return x
+        return tau
     if recipe.sparsify == "random":
-        keep = jnp.stack([jax.random.bernoulli(jax.random.fold_in(key, i), recipe.density, x.shape[1:])
-                          for i in range(x.shape[0])])
-        return jnp.where(keep, x / jnp.asarray(recipe.density, x.dtype), jnp.zeros((), x.dtype))
-    # magnitude: keep the k largest |values| of every tensor (every layer's slice of a stacked leaf)
-    n = x.shape[0]
-    rows = x.reshape(n * (x.shape[1] if stacked else 1), -1)
+        keep = jax.random.bernoulli(jax.random.fold_in(key, index), recipe.density, tau.shape)
+        return jnp.where(keep, tau / jnp.asarray(recipe.density, tau.dtype), jnp.zeros((), tau.dtype))
+    # magnitude: keep the k largest |values| of the tensor (of every layer's slice of a stacked leaf)
+    rows = tau.reshape(tau.shape[0] if stacked else 1, -1)
     size = rows.shape[1]
     k = int(recipe.density * size)
     if recipe.keep_at_least_one:
         k = max(1, k)
     if k >= size:
-        return x
+        return tau
     if k == 0:
-        return jnp.zeros_like(x)
-    _, top = jax.lax.top_k(jnp.abs(rows), k)
-    mask = jnp.zeros(rows.shape, bool).at[jnp.arange(rows.shape[0])[:, None], top].set(True)
-    return jnp.where(mask, rows, jnp.zeros((), x.dtype)).reshape(x.shape)
+        return jnp.zeros_like(tau)
+    return jnp.where(top_magnitude_mask(rows, k), rows, jnp.zeros((), tau.dtype)).reshape(tau.shape)
 
 
-def _combine(x: jax.Array, weights: jax.Array, recipe: MergeRecipe) -> jax.Array:
-    """x: [n, ...] sparsified task tensors -> the merged task tensor (before scale)."""
-    w = weights.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    weighted = x * w
+_SAMPLE = 1 << 16  # entries per row whose order statistics bracket the k-th largest magnitude
+
+
+def top_magnitude_mask(rows: jax.Array, k: int) -> jax.Array:
+    """Boolean mask of the `k` largest |values| of every row of `rows` [n, size] (1 <= k <= size).
+
+    Entries tied with the k-th largest magnitude are kept lowest index first, as `jax.lax.top_k` orders
+    them. Instead of sorting, the k-th largest magnitude is found by bisecting its bit pattern (the bits of
+    a non-negative IEEE float order like the float), each step one counting pass over the row: linear in
+    the row, where the top-k of a fifth of a row costs a sort (16x faster for 4 x 8.2M float32 on a CPU).
+    The bisection starts from a bracket read off a strided sample of the row, used only where two counting
+    passes confirm it, which takes it from 31 steps (float32) to about 20.
+    """
+    n, size = rows.shape
+    nbits = jnp.dtype(rows.dtype).itemsize * 8
+    int_type = {32: jnp.int32, 64: jnp.int64}[nbits]
+    bits = jax.lax.bitcast_convert_type(jnp.abs(rows), int_type)
+
+    def count_at_least(threshold: jax.Array) -> jax.Array:
+        return jnp.sum(bits >= threshold[:, None], axis=1)
+
+    # Invariant of the bisection: count(bits >= low) >= k > count(bits >= high).
+    low = jnp.zeros(n, int_type)
+    high = jnp.full(n, jnp.iinfo(int_type).max, int_type)
+    stride = size // _SAMPLE
+    if stride > 1:
+        sample = -jnp.sort(-bits[:, ::stride], axis=1)  # descending
+        rank = k * sample.shape[1] / size
+        margin = 6.0 * math.sqrt(rank * (1 - rank / sample.shape[1])) + 2
+        upper = sample[:, max(int(rank - margin), 0)]
+        lower = sample[:, min(int(rank + margin), sample.shape[1] - 1)]
+        high = jnp.where((count_at_least(upper) < k) & (upper > 0), upper, high)
+        low = jnp.where(count_at_least(lower) >= k, lower, low)
+
+    def bisect(bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        low, high = bounds
+        mid = low + (high - low) // 2
+        enough = count_at_least(mid) >= k
+        return jnp.where(enough, mid, low), jnp.where(enough, high, mid)
+
+    threshold, _ = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), bisect, (low, high))
+    threshold = threshold[:, None]
+    above = bits > threshold
+    tied = bits == threshold
+    room = k - jnp.sum(above, axis=1)  # >= 1, and at most the number of tied entries
+    return above | _first_true(tied, room)
+
+
+_BLOCK = 4096
+
+
+def _first_true(flags: jax.Array, count: jax.Array) -> jax.Array:
+    """`flags` [n, size] with only its first `count[i]` True entries of row i kept (1 <= count[i] <= the
+    row's True entries). Blockwise: a pass counts each block's entries, and only the block where the
+    count is reached is scanned entry by entry (a cumulative sum over whole rows is far slower on a CPU)."""
+    n, size = flags.shape
+    padded = jnp.pad(flags, ((0, 0), (0, -size % _BLOCK)))
+    blocks = padded.reshape(n, -1, _BLOCK)
+    per_block = jnp.sum(blocks, axis=2, dtype=jnp.int32)
+    before = jnp.cumsum(per_block, axis=1) - per_block  # True entries in the blocks before each block
+    last_block = jnp.sum(before < count[:, None], axis=1) - 1  # the block holding the count-th True entry
+    still_needed = count - jnp.take_along_axis(before, last_block[:, None], axis=1)[:, 0]
+    block = jnp.take_along_axis(blocks, last_block[:, None, None], axis=1)[:, 0]  # [n, _BLOCK]
+    offset = jnp.sum(jnp.cumsum(block, axis=1, dtype=jnp.int32) < still_needed[:, None], axis=1)
+    cutoff = last_block * _BLOCK + offset  # index of the count-th True entry
+    return flags & (jnp.arange(size)[None, :] <= cutoff[:, None])
+
+
+def _sum(terms: Sequence[jax.Array]) -> jax.Array:
+    return functools.reduce(jnp.add, terms)
+
+
+def _combine(taus: Sequence[jax.Array], weights: jax.Array, recipe: MergeRecipe) -> jax.Array:
+    """The sparsified task tensors of the models -> the merged task tensor (before scale).
+
+    Written over the list of tensors, never a stacked [n, ...] array: XLA fuses the per-entry sums over
+    models into one pass, where reductions over a leading model axis run far slower on a CPU.
+    """
+    dtype = taus[0].dtype
+    w = [weights[i].astype(dtype) for i in range(len(taus))]
+    weighted = [tau * wi for tau, wi in zip(taus, w, strict=True)]
     if recipe.consensus is not None:
-        source = weighted if recipe.elect_on_weighted else x
-        signs = jnp.sign(source)
-        score = source.sum(0) if recipe.consensus == "total" else signs.sum(0)
-        elected = jnp.where(score >= 0, 1.0, -1.0).astype(x.dtype)
-        agree = signs == elected
-        merged = jnp.where(agree, weighted, 0.0).sum(0)
+        sources = weighted if recipe.elect_on_weighted else list(taus)
+        signs = [jnp.sign(source) for source in sources]
+        score = _sum(sources) if recipe.consensus == "total" else _sum(signs)
+        elected = jnp.where(score >= 0, 1.0, -1.0).astype(dtype)
+        agree = [sign == elected for sign in signs]
+        merged = _sum([jnp.where(a, v, 0.0) for a, v in zip(agree, weighted, strict=True)])
         if recipe.divide_by == "weights":
-            divisor = jnp.where(agree, w, 0.0).sum(0)
+            divisor = _sum([jnp.where(a, wi, 0.0) for a, wi in zip(agree, w, strict=True)])
             merged = merged / jnp.where(divisor == 0, 1.0, divisor)
         elif recipe.divide_by == "count":
-            merged = merged / jnp.maximum(agree.sum(0), 1).astype(x.dtype)
+            merged = merged / jnp.maximum(_sum([a.astype(jnp.int32) for a in agree]), 1).astype(dtype)
         return merged
-    merged = weighted.sum(0)
+    merged = _sum(weighted)
     if recipe.divide_by == "weights":
-        total = w.sum()
+        total = _sum(w)
         merged = merged / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
     elif recipe.divide_by == "count":
-        merged = merged / x.shape[0]
+        merged = merged / len(taus)
     return merged
 
 
@@ -276,10 +349,9 @@ def _merge_leaf(base: jax.Array | None, models: tuple[jax.Array, ...], weights: 
                 *, recipe: MergeRecipe, stacked: bool) -> jax.Array:
     out_dtype = (base if base is not None else models[0]).dtype
     acc = _accumulation_dtype(out_dtype)
-    x = jnp.stack([m.astype(acc) for m in models])
-    if base is not None:
-        x = x - base.astype(acc)[None]
-    merged = _combine(_sparsify(x, recipe, key, stacked), weights, recipe)
+    taus = [m.astype(acc) - base.astype(acc) if base is not None else m.astype(acc) for m in models]
+    taus = [_sparsify(tau, i, recipe, key, stacked) for i, tau in enumerate(taus)]
+    merged = _combine(taus, weights, recipe)
     if recipe.scale != 1.0:
         merged = merged * jnp.asarray(recipe.scale, acc)
     if base is not None:
@@ -357,7 +429,7 @@ def merge(
         raise MergeError("models must be a list of parameter trees (one per fine-tuned model)")
     if len(models) < 1:
         raise MergeError("merge needs at least one model")
-    weights = _weights_list(weights, len(models), "models")
+    weights = check_weights(weights, len(models), "models")
     if density is not None:
         _check_density(density)
     recipe = full_model_recipe(method, density, scale=scale, normalize=normalize,
@@ -380,7 +452,7 @@ def merge(
         raise MergeError(f"{ref_name} is a {type(reference).__name__}, not a parameter tree (a nested dict)")
     _check_same_structure(reference, ref_name, others, names)
 
-    key = _as_key(seed)
+    key = as_key(seed)
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
     model_leaves = [dict(_flat(m)) for m in models]
     base_leaves = dict(_flat(base_for_merge)) if base_for_merge is not None else None
@@ -392,7 +464,7 @@ def merge(
                              " parameters can be merged")
         stacked = stacked_key is not None and path_name.split("/")[0] == stacked_key
         merged = merge_leaves(recipe, base_leaves[path_name] if base_leaves is not None else None,
-                              [leaves[path_name] for leaves in model_leaves], weights, _leaf_key(key, path_name),
+                              [leaves[path_name] for leaves in model_leaves], weights, leaf_key(key, path_name),
                               stacked=stacked)
         out.append(_place_like(merged, ref_leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -464,7 +536,7 @@ def merge_adapters(
             raise MergeError(f"adapters[{i}] is a {type(adapter).__name__}, not a jaxcollab.lora.LoraAdapter")
         if not adapter.targets:
             raise MergeError(f"adapters[{i}] has no LoRA factors")
-    weights = _weights_list(weights, len(adapters), "adapters")
+    weights = check_weights(weights, len(adapters), "adapters")
     if density is not None:
         _check_density(density)
     if len(adapters) == 1:  # PEFT combines a single adapter linearly whatever the requested type
@@ -476,7 +548,7 @@ def merge_adapters(
             " use 'cat' (or merge the full models with merging.merge)"
         )
     a_weights, b_weights = _factor_weights(weights, [a.scaling for a in adapters])
-    key = _as_key(seed)
+    key = as_key(seed)
     targets = sorted({t for a in adapters for t in a.targets}, key=ALL_TARGETS.index)
     out: dict = {}
     for target in targets:
@@ -494,7 +566,7 @@ def merge_adapters(
             path_name = "/".join((*TARGET_PATHS[target], factor_name))
             leaves = [f[factor_index] for f in factors]
             merged = merge_leaves(recipe, None, leaves, [factor_weights[i] for i in users],
-                                  _leaf_key(key, path_name), stacked=True)
+                                  leaf_key(key, path_name), stacked=True)
             node[factor_name] = _place_like(merged, leaves[0])
         _set(out, TARGET_PATHS[target], node)
     return LoraAdapter(out, 1.0, adapters[0].dropout)

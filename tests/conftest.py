@@ -7,6 +7,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The commands' on-disk compilation cache goes to a directory of this test session, not the user's.
+if "JAXCOLLAB_COMPILATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["JAXCOLLAB_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxcollab-xla-cache-")
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -114,6 +114,23 @@ def test_dare_keeps_or_rescales_each_entry():
     assert 0.15 < kept.mean() < 0.35
 
 
+@pytest.mark.parametrize("size", [7, 1000, 200_003])
+@pytest.mark.parametrize("density", [0.2, 0.9])
+def test_top_magnitude_mask_equals_lax_top_k_with_ties(size, density):
+    """The bisection's mask is jax.lax.top_k's, ties at the threshold included (lowest index first); the
+    largest size takes the sampled-bracket path."""
+    rng = np.random.default_rng(size)
+    # a coarse grid of magnitudes: many entries share the threshold's magnitude
+    rows = jnp.asarray((rng.integers(-50, 51, (3, size)) * 0.01).astype(F32))
+    k = max(1, int(density * size))
+    _, top = jax.lax.top_k(jnp.abs(rows), k)
+    expected = np.zeros((3, size), bool)
+    np.put_along_axis(expected, np.asarray(top), True, axis=1)
+    got = np.asarray(jax.jit(merging.top_magnitude_mask, static_argnums=1)(rows, k))
+    assert (got.sum(axis=1) == k).all()
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_sparsification_is_per_layer_for_stacked_leaves():
     # a [2 layers, 3] leaf, density 0.34: per layer k = max(1, int(1.02)) = 1 -> keep -5 and 0.3
     d = np.array([[1, -5, 2], [0.1, 0.3, -0.2]], F32)

@@ -67,6 +67,11 @@ def test_read_slices_equal_numpy_slicing(tmp_path_factory, data):
         expected = f.tensor(name)[index]
         assert got.dtype == expected.dtype and got.shape == expected.shape
         assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(expected).view(np.uint8))
+        # into a caller's array: the file's dtype (read in place when whole rows) or another (converted)
+        for out_dtype in (expected.dtype, np.float32):
+            out = np.full(expected.shape, -1, out_dtype)
+            assert f.read(name, index, out=out) is out
+            assert np.array_equal(out, values[index])
 
 
 def test_load_hf_maps_no_file(tmp_path, monkeypatch):

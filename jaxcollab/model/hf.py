@@ -1,9 +1,11 @@
 """Hugging Face Llama checkpoint directories <-> (LlamaConfig, params).
 
-Loading is streamed: each parameter is built with `jax.make_array_from_callback`, and each device's
-callback reads only that device's slice of the memory-mapped safetensors tensors (transposed and stacked
-over layers as it goes). No process ever materialises the whole model on the host, and in a multi-host
-run each process reads only the slices of its own devices.
+Loading is streamed: each parameter is built with `jax.make_array_from_callback` in the checkpoint's
+own layout and dtype, each device's callback reading only that device's slice of the safetensors tensors
+with positioned reads (stacked over layers as it goes); kernels are then transposed and cast on the
+devices, where that is an order of magnitude faster than on the host. No process ever materialises the
+whole model on the host, and in a multi-host run each process reads only the slices of its own devices.
+Saving likewise transposes and casts each tensor on the devices before gathering it.
 
 Saving writes config.json plus safetensors shards and `model.safetensors.index.json` into a temporary
 directory next to the target and renames it into place at the end, so a failed save leaves nothing
@@ -17,6 +19,7 @@ Hugging Face tensor names (see DESIGN.md "File formats"): Llama, and Mixtral for
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcollab.atomic import atomic_directory
 from jaxcollab.model.config import LlamaConfig, dtype_name
@@ -164,33 +167,86 @@ class CheckpointDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.file_of(name).info(name).shape
 
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """One slice of a tensor, read from disk into a new array (nothing stays mapped)."""
-        return self.file_of(name).read(name, index)
+    def read(self, name: str, index: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """One slice of a tensor, read from disk into a new array or into `out` (nothing stays mapped)."""
+        return self.file_of(name).read(name, index, out=out)
 
     def source_of(self, name: str) -> str:
         return str(self.path / self.location.get(name, "?"))
 
 
+_HOST_ALIGNMENT = 64  # bytes; XLA's CPU client uses host buffers aligned like this in place instead of copying
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a `_HOST_ALIGNMENT` boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _HOST_ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _HOST_ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def _slice_reader(
     ckpt: CheckpointDir, tmap: TensorMap, shape: tuple[int, ...], dtype: np.dtype
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """A `make_array_from_callback` callback: reads one device's index of the stacked/transposed param."""
+    """A `make_array_from_callback` callback: one device's index of the layer-stacked parameter in the HF
+    layout (`shape` is that stacked HF shape), as `dtype`."""
     n_stack = len(tmap.stack_keys)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         outer = [range(size)[sl] for size, sl in zip(shape[:n_stack], index[:n_stack], strict=True)]
         inner = index[n_stack:]
-        pieces = []
+
+        def name_at(stack_index: tuple[int, ...]) -> str:
+            return tmap.hf_name_at(tuple(r[i] for r, i in zip(outer, stack_index, strict=True)))
+
+        # Each layer's slice is read straight into its place in one array, allocated so that the CPU backend
+        # adopts it without a copy: the host holds this device's slice and nothing else.
+        inner_shape = [len(range(size)[sl]) for size, sl in zip(shape[n_stack:], inner, strict=True)]
+        out = _aligned_empty((*(len(r) for r in outer), *inner_shape), dtype)
         for stack_index in np.ndindex(*(len(r) for r in outer)):
-            name = tmap.hf_name_at(tuple(r[i] for r, i in zip(outer, stack_index, strict=True)))
-            piece = ckpt.read(name, tuple(reversed(inner))).T if tmap.transpose else ckpt.read(name, inner)
-            pieces.append(np.asarray(piece, dtype=dtype))
-        if not n_stack:
-            return pieces[0]
-        return np.stack(pieces).reshape(*(len(r) for r in outer), *pieces[0].shape)
+            ckpt.read(name_at(stack_index), inner, out=out[stack_index] if stack_index else out)
+        return out
 
     return read
+
+
+# Floating dtypes read as they are stored; anything else is converted on the host while reading.
+_DEVICE_CONVERTIBLE = tuple(np.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
+
+
+@functools.cache
+def _to_param_layout(sharding: NamedSharding, transpose: bool, dtype: np.dtype) -> Callable[[jax.Array], jax.Array]:
+    """Jitted: an array in the HF layout and file dtype -> the parameter (kernels transposed, cast), placed
+    with `sharding`. Transposes and casts run on the devices, where they are far faster than on the host."""
+
+    def convert(x: jax.Array) -> jax.Array:
+        return (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
+
+    return jax.jit(convert, out_shardings=sharding)
+
+
+def _hf_layout_sharding(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """`sharding` of a parameter, with its last two axes swapped (the sharding of its HF-layout transpose)."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
+
+
+def _load_param(ckpt: CheckpointDir, tmap: TensorMap, shape: tuple[int, ...], sharding: NamedSharding,
+                dtype: np.dtype) -> jax.Array:
+    """One parameter: each device's slice read in the HF layout and the file's dtype, then laid out on device."""
+    n_stack = len(tmap.stack_keys)
+    first = tmap.hf_name_at((0,) * n_stack)
+    file_dtype = ckpt.file_of(first).info(first).dtype
+    read_dtype = file_dtype if file_dtype in _DEVICE_CONVERTIBLE else dtype
+    hf_shape = (*shape[:n_stack], *tmap.hf_shape(shape))
+    hf_sharding = _hf_layout_sharding(sharding, len(shape)) if tmap.transpose else sharding
+    raw = jax.make_array_from_callback(hf_shape, hf_sharding, _slice_reader(ckpt, tmap, hf_shape, read_dtype))
+    if not tmap.transpose and read_dtype == dtype:
+        return raw
+    # Wait for the conversion so that the HF-layout copy is freed before the next parameter is read: at
+    # most one such copy exists at a time (on a CPU, device memory is host memory).
+    return _to_param_layout(sharding, tmap.transpose, dtype)(raw).block_until_ready()
 
 
 def _check_shapes(
@@ -219,6 +275,24 @@ def _check_shapes(
         logger.warning("%s: ignoring %d tensors not used by a Llama model, e.g. %s", ckpt.path, len(unused), unused[:4])
 
 
+def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor of a model with `cfg`, in the order `save_hf` writes them, with its shape."""
+    shapes = param_shapes(cfg)
+    out: dict[str, tuple[int, ...]] = {}
+    for tmap in _llama_tensors(cfg):
+        shape = tuple(get_path(shapes, tmap.path).shape)
+        out.update((name, tmap.hf_shape(shape)) for name in tmap.hf_names(shape))
+    return out
+
+
+def open_checkpoint(path: str | os.PathLike, cfg: LlamaConfig) -> CheckpointDir:
+    """The safetensors tensors of HF directory `path`, checked to hold every tensor of `cfg` with its shape."""
+    path = Path(path)
+    ckpt = CheckpointDir(path)
+    _check_shapes(ckpt, cfg, _llama_tensors(cfg), param_shapes(cfg), path / "config.json")
+    return ckpt
+
+
 def load_hf(
     path: str | os.PathLike,
     dtype: Any = jnp.float32,
@@ -242,10 +316,9 @@ def load_hf(
     cfg = LlamaConfig.from_pretrained_dir(
         path, param_dtype=storage, dtype=dtype_name(compute_dtype or dtype), **runtime
     )
-    ckpt = CheckpointDir(path)
+    ckpt = open_checkpoint(path, cfg)
     tmaps = _llama_tensors(cfg)
     shapes = param_shapes(cfg)
-    _check_shapes(ckpt, cfg, tmaps, shapes, path / "config.json")
 
     shardings = param_shardings(cfg, mesh or single_device_mesh(), rules)
     np_dtype = np.dtype(cfg.storage_dtype)
@@ -253,15 +326,19 @@ def load_hf(
     for tmap in tmaps:
         shape = get_path(shapes, tmap.path).shape
         sharding: NamedSharding = get_path(shardings, tmap.path)
-        array = jax.make_array_from_callback(shape, sharding, _slice_reader(ckpt, tmap, shape, np_dtype))
-        set_path(params, tmap.path, array)
+        set_path(params, tmap.path, _load_param(ckpt, tmap, shape, sharding, np_dtype))
     return cfg, params
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _host_array(value: jax.Array, index: tuple[int, ...]) -> np.ndarray:
-    """One (layer / expert of a) parameter gathered to host memory; a collective in multi-host runs."""
-    x = value[index] if index else value
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _to_hf_layout(x: jax.Array, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """One (layer / expert of a) parameter in the HF layout and `dtype`, computed on the devices."""
+    return (x.T if transpose else x).astype(dtype)
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """An array gathered to host memory; a collective in multi-host runs."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
@@ -273,8 +350,9 @@ def _tensors_to_write(cfg: LlamaConfig, params: dict, np_dtype: np.dtype) -> Ite
         for index in tmap.stack_indices(tuple(value.shape)):
 
             def produce(value: jax.Array = value, index: tuple = index, tmap: TensorMap = tmap) -> np.ndarray:
-                host = _host_array(value, index)
-                return (host.T if tmap.transpose else host).astype(np_dtype)
+                device_dtype = np_dtype if np_dtype in _DEVICE_CONVERTIBLE else np.dtype(value.dtype)
+                x = _to_hf_layout(value[index] if index else value, tmap.transpose, device_dtype)
+                return _host_array(x).astype(np_dtype, copy=False)
 
             yield TensorToWrite(tmap.hf_name_at(index), tmap.hf_shape(tuple(value.shape)), np_dtype, produce)
 
@@ -293,6 +371,30 @@ def _validate_params(cfg: LlamaConfig, params: dict) -> None:
     for p, shape in exp_paths.items():
         if tuple(got_paths[p]) != tuple(shape):
             raise ValueError(f"params['{'/'.join(p)}'] has shape {got_paths[p]} but the config implies {shape}")
+
+
+def write_hf_directory(
+    out_dir: Path, tensors: list[TensorToWrite], hf_config: dict, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> None:
+    """Write `tensors` (in order, each produced when its turn comes) as safetensors shards of at most
+    `max_shard_bytes`, with `model.safetensors.index.json` and `hf_config` as config.json, atomically."""
+    shards: list[list[TensorToWrite]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for file_name, shard in zip(names, shards, strict=True):
+            write_safetensors(tmp / file_name, shard, {"format": "pt"})
+        weight_map = {t.name: file_name for file_name, shard in zip(names, shards, strict=True) for t in shard}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
 def save_hf(
@@ -314,25 +416,9 @@ def save_hf(
     _validate_params(cfg, params)
     np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(cfg.storage_dtype)
     tensors = list(_tensors_to_write(cfg, params, np_dtype))
-    shards: list[list[TensorToWrite]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-
+    hf_config = cfg.to_hf_dict(torch_dtype=dtype_name(np_dtype))
     if jax.process_index() == 0:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            for file_name, shard in zip(names, shards, strict=True):
-                write_safetensors(tmp / file_name, shard, {"format": "pt"})
-            weight_map = {t.name: file_name for file_name, shard in zip(names, shards, strict=True) for t in shard}
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            hf_config = cfg.to_hf_dict(torch_dtype=dtype_name(np_dtype))
-            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        write_hf_directory(out_dir, tensors, hf_config, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     else:  # take part in the per-tensor gathers without writing
         for t in tensors:
             t.produce()

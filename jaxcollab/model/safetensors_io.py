@@ -70,8 +70,12 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return self.tensors[name]
 
-    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
-        """`tensor[index]` as a new array (basic slices only), reading just the rows of the first axis it spans."""
+    def read(self, name: str, index: tuple[slice, ...] = (), out: np.ndarray | None = None) -> np.ndarray:
+        """`tensor[index]` (basic slices only), reading just the rows of the first axis it spans.
+
+        Into a fresh array, or into `out` (of the slice's shape): when the slice is whole rows and `out`
+        is contiguous in the file's dtype, the bytes are read straight into it with no intermediate copy.
+        """
         info = self.info(name)
         index = tuple(index) + (slice(None),) * (len(info.shape) - len(index))
         if not info.shape:
@@ -80,9 +84,12 @@ class SafetensorsFile:
             rows, rest = range(info.shape[0])[index[0]], index[1:]
             if rows.step != 1:
                 raise ValueError(f"{self.path}: tensor {name!r}: only contiguous slices can be read, got {index}")
+        whole_rows = all(sl == slice(None) for sl in rest)
+        direct = (out is not None and bool(info.shape) and whole_rows and out.dtype == info.dtype
+                  and out.flags.c_contiguous and out.shape == (len(rows), *info.shape[1:]))
         row_bytes = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
         count = len(rows) * row_bytes
-        buffer = np.empty(count, np.uint8)
+        buffer = out.reshape(-1).view(np.uint8) if direct else np.empty(count, np.uint8)
         start = self._data_start + info.begin + (rows.start if len(rows) else 0) * row_bytes
         with self.path.open("rb", buffering=0) as f:
             view, done = memoryview(buffer), 0
@@ -91,8 +98,14 @@ class SafetensorsFile:
                 if got <= 0:
                     raise CheckpointError(f"{self.path}: tensor {name!r}: the file ended early (truncated?)")
                 done += got
+        if direct:
+            return out
         block = buffer.view(info.dtype).reshape((len(rows), *info.shape[1:]) if info.shape else ())
-        return block[(slice(None), *rest)] if info.shape else block
+        result = block[(slice(None), *rest)] if info.shape else block
+        if out is None:
+            return result
+        out[...] = result
+        return out
 
     def tensor(self, name: str) -> np.ndarray:
         """A zero-copy view; slicing it reads only the touched pages."""
@@ -187,4 +200,4 @@ def write_safetensors(
                 raise CheckpointError(
                     f"{path}: tensor {t.name!r} produced shape {array.shape}, announced {tuple(t.shape)}"
                 )
-            f.write(array.tobytes())
+            f.write(array.reshape(-1).view(np.uint8).data)  # the array's own bytes, no copy
