@@ -95,6 +95,7 @@ def run(opts: Options) -> Result:
     prefill_ours = median([timed(lambda: ours(1))[0] for _ in range(2)])
     prefill_peer = median([timed(lambda: peer(1))[0] for _ in range(2)])
     whole_ours, whole_peer = new_tokens / median(a), new_tokens / median(b)
+    floor_ms = 1e3 * st.shape.matmul_params() * 4 / weight_stream_rate(st.shape, len(prompts))
     same_rows = sum(x == y for x, y in zip(ours_tokens, peer_tokens, strict=True))
     mismatch = _first_mismatch(ours_tokens, peer_tokens)
     details = [
@@ -109,10 +110,28 @@ def run(opts: Options) -> Result:
         f"peer_phases_s prefill_and_first_token={prefill_peer:.3f} decode_per_token_ms="
         f"{1e3 * (whole_peer - prefill_peer) / max(n_new - 1, 1):.2f} whole={whole_peer:.3f}",
         f"peer_settings torch_threads={opts.threads} attn=sdpa eager dynamic_cache",
+        f"decode_floor_ms_per_token={floor_ms:.2f} (every weight that multiplies activations read once per step, "
+        f"at the rate a jitted [{len(prompts)}, d] x [d, n] matmul streams float32 weights here); "
+        f"peer_decode/floor={1e3 * (whole_peer - prefill_peer) / max(n_new - 1, 1) / floor_ms:.2f} (the most "
+        "any implementation can gain on decoding at this batch and dtype)",
     ]
     return Result("generate", median(a), median(b), "tokens/s", peer_name="transformers generate (torch eager)",
                   details=details, checks={"same_tokens": same_rows == len(prompts)},
                   samples={"ours": a, "peer": b})
+
+
+def weight_stream_rate(shape: ModelShape, batch: int) -> float:
+    """Bytes/s at which a jitted matmul of `batch` rows reads a float32 weight as large as the model's."""
+    import jax
+    import jax.numpy as jnp
+
+    columns = max(1, shape.matmul_params() // shape.hidden)
+    weight = jnp.ones((shape.hidden, columns), jnp.float32)
+    rows = jnp.ones((batch, shape.hidden), jnp.float32)
+    matmul = jax.jit(jnp.dot)
+    matmul(rows, weight).block_until_ready()
+    seconds = median([timed(lambda: matmul(rows, weight).block_until_ready())[0] for _ in range(5)])
+    return weight.nbytes / seconds
 
 
 def _first_mismatch(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:

@@ -421,7 +421,8 @@ def _result(opts: Options, st: TrainSetting, kind: str, ours: dict, peer: dict, 
         f"flops_per_token={flops:.4g} achieved_{unit} ours={o * flops / giga:.2f} peer={p * flops / giga:.2f}",
         f"matmul_peak_{unit} jax={ours['matmul_rate'] / giga:.2f} torch={peer['matmul_rate'] / giga:.2f} "
         f"({st.matmul_size}^3 {st.dtype}) mfu ours={o * flops / ours['matmul_rate']:.3f} "
-        f"peer={p * flops / ours['matmul_rate']:.3f} (against the jnp.dot rate)",
+        f"peer={p * flops / ours['matmul_rate']:.3f} (against the jnp.dot rate); ratio_ceiling="
+        f"{ours['matmul_rate'] / (p * flops):.2f} (the ratio of a step at the full matmul rate)",
         "ours_phases_ms_per_step " + _phases_ms(ours["phases"], 1e3 * batch * st.seq_len / o)
         + f" first_{st.warmup}_steps_s={ours['warmup_s']:.2f} {ours.get('compile', '')}",
         "peer_phases_ms_per_step " + _phases_ms(peer["phases"], 1e3 * batch * st.seq_len / p)

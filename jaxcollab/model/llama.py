@@ -13,7 +13,7 @@ Design:
   mesh is active (`jax.set_mesh`). The names become mesh axes only through `sharding.LOGICAL_RULES`.
 - Attention goes through `jax.nn.dot_product_attention`, so fused kernels are used where the platform has
   them; padding masks, packed sequences (segment ids) and explicit positions are supported.
-- Decoding keeps a KV cache ([L, B, S, kv_heads, head_dim]) that travels through the layer scan as part of
+- Decoding keeps a KV cache ([L, B, kv_heads, S, head_dim]) that travels through the layer scan as part of
   the carry: each layer writes its new keys/values in place at (layer, cache_index) and attends over its
   own slice under an explicit mask, so a decode step writes one slot per layer instead of copying the
   cache (see `forward_with_cache` and `jaxcollab.evaluation.generate`).
@@ -187,6 +187,19 @@ class Embed(nn.Module):
         )
 
 
+def _attend_to_cache(q: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Grouped-query attention of q [B, T, H, hd] over a layer's cache slots keys/values [B, K, S, hd] under
+    `mask` [B, 1, T, S]. The head-major cache lets both matmuls read the cache as it lies in memory (no
+    per-step transpose of every slot); logits and softmax are float32, as `jax.nn.dot_product_attention`."""
+    b, t, h, hd = q.shape
+    kv = keys.shape[1]
+    grouped = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bksd->bkgts", grouped, keys, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, :, None], logits * (hd**-0.5), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(b, t, h, hd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE."""
 
@@ -198,7 +211,7 @@ class Attention(nn.Module):
         self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
         cache_index: Array | None = None, layer: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """Without a cache: causal attention (plus `mask`). With one (all layers' [L, B, S, K, hd]): this
+        """Without a cache: causal attention (plus `mask`). With one (all layers' [L, B, K, S, hd]): this
         layer's keys/values are written at (layer, cache_index) and every query attends over the layer's
         slots under `mask` [B, 1, T, S] alone."""
         cfg = self.cfg
@@ -216,11 +229,12 @@ class Attention(nn.Module):
         if cache is None:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
         else:
-            start = (layer, 0, cache_index, 0, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)  # type: ignore[misc]
-                          for c, new in zip(cache, (k, v), strict=True))
+            start = (layer, 0, 0, cache_index, 0)
+            cache = tuple(  # type: ignore[assignment]
+                jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3)[None].astype(c.dtype), start)
+                for c, new in zip(cache, (k, v), strict=True))
             keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).astype(q.dtype) for c in cache)
-            out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=cfg.attention_impl)
+            out = _attend_to_cache(q, keys, values, mask)
         out = out.reshape(b, t, cfg.num_heads * hd)
         return Linear(cfg.hidden_size, ("q_heads", "embed"), cfg, self.lora, name="o_proj")(out), cache
 
@@ -491,7 +505,7 @@ def _variables(params: dict, lora: AdapterLike | None, deterministic: bool) -> t
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int) -> KVCache:
     """An empty KV cache for `batch` sequences of up to `length` tokens, in the compute dtype."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
 
