@@ -66,7 +66,7 @@ def setting(opts: Options) -> TrainSetting:
         return TrainSetting(LLAMA3_8B, (64, 32, 16, 8, 4, 2, 1), 2048, "bfloat16", "full", 5, 2, False, 8192)
     if opts.tiny:
         return TrainSetting(TINY, (2,), 32, "float32", "none", 2, 1, True, 256)
-    return TrainSetting(CPU_SMALL, (8,), 256, "float32", "none", 1, 1, True, 2048)
+    return TrainSetting(CPU_SMALL, (8,), 256, "float32", "none", 2, 1, True, 2048)
 
 
 def make_batches(vocab: int, batch: int, seq_len: int, count: int = 4, seed: int = 0) -> list[np.ndarray]:

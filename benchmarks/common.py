@@ -58,7 +58,7 @@ class Result:
 
     def lines(self) -> list[str]:
         out = [f"RESULT {self.name} ours={fmt(self.ours)} peer={fmt(self.peer)} unit={self.unit} "
-               f"ratio={self.ratio:.3f}"]
+               f"ratio={fmt(self.ratio)}"]
         if self.peer_name:
             out.append(f"DETAIL {self.name} peer={self.peer_name}")
         out += [f"DETAIL {self.name} {line}" for line in self.details]

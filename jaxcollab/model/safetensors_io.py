@@ -1,7 +1,7 @@
 """Reading and writing safetensors files without holding a whole model in host memory.
 
 Reading gives either a memory-mapped zero-copy view of a tensor (`tensor`), or one slice of it read with
-positioned reads into a fresh array (`read`): only the rows the slice covers are read, and nothing stays
+positioned reads into a fresh array or the caller's (`read`): only the rows the slice covers are read, and nothing stays
 mapped afterwards, so loading a model slice by slice never keeps the files' pages resident. Every header
 is validated against the file size first, so a truncated or corrupt file fails with an error that names
 the file and the tensor. Writing streams one tensor at a time into a file whose header is computed up front from shapes.
