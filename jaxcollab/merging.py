@@ -272,7 +272,7 @@ def top_magnitude_mask(rows: jax.Array, k: int) -> jax.Array:
         margin = 6.0 * math.sqrt(rank * (1 - rank / sample.shape[1])) + 2
         upper = sample[:, max(int(rank - margin), 0)]
         lower = sample[:, min(int(rank + margin), sample.shape[1] - 1)]
-        high = jnp.where((count_at_least(upper) < k) & (upper > 0), upper, high)
+        high = jnp.where(count_at_least(upper) < k, upper, high)
         low = jnp.where(count_at_least(lower) >= k, lower, low)
 
     def bisect(bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
