@@ -172,11 +172,19 @@ class TrainState:
 
 
 def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of -log p(token_t | tokens_<t) over positions with loss_mask[t] = 1, number of such tokens)."""
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(target_logp * weights), jnp.sum(weights)
+    """(sum of -log p(token_t | tokens_<t) over positions with loss_mask[t] = 1, number of such tokens).
+
+    Computed on the whole [B, T, V] logits, the last position with weight 0, as logsumexp minus the target's
+    logit picked by comparison: no [B, T-1, V] slice of the logits is copied and the backward pass is one
+    elementwise softmax-minus-one-hot, not a scatter into a zeroed [B, T-1, V] buffer.
+    """
+    weights = jnp.pad(loss_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    logits = logits.astype(jnp.float32)
+    vocab_ids = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    target_logits = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    return jnp.sum(jnp.where(weights > 0, nll, 0.0) * weights), jnp.sum(weights)
 
 
 def _overlay(variables: dict) -> lora_lib.LoraAdapter | None:

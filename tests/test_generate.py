@@ -1,5 +1,8 @@
 """Greedy decoding with the KV cache produces exactly transformers' `generate(do_sample=False)` tokens."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +55,52 @@ def test_greedy_equals_transformers_without_eos(tiny):
     assert ours == hf_greedy(reference, prompts, 12, None)
     assert all(len(row) == 12 for row in ours)
     assert len({tuple(r) for r in ours}) > 1  # the prompts really lead to different continuations
+
+
+def test_stacked_and_unstacked_layers_decode_alike(tiny):
+    reference, cfg, params = tiny
+    prompts = random_prompts([7, 2, 13], seed=4)
+    stacked = generate.greedy(cfg, params, prompts, max_new_tokens=9, unstack_layers=False)
+    assert stacked == hf_greedy(reference, prompts, 9, None)
+    assert generate.greedy(cfg, params, prompts, max_new_tokens=9, unstack_layers=True) == stacked
+    split = model.llama.unstack_layers(params, cfg.num_layers)
+    assert sorted(k for k in split if k.startswith("layers")) == ["layers_0", "layers_1"]
+    np.testing.assert_array_equal(split["layers_1"]["mlp"]["up_proj"]["kernel"],
+                                  params["layers"]["mlp"]["up_proj"]["kernel"][1])
+
+
+def test_layer_copy_only_where_every_device_has_room():
+    @dataclasses.dataclass(frozen=True)
+    class Device:
+        free: int
+
+        def memory_stats(self):
+            return {"bytes_limit": 10_000, "bytes_in_use": 10_000 - self.free}
+
+    @dataclasses.dataclass(frozen=True)
+    class Leaf:  # a stacked kernel with one shard of `size` bytes on each device
+        size: int
+        devices: tuple
+
+        @property
+        def addressable_shards(self):
+            return [SimpleNamespace(device=d, data=SimpleNamespace(nbytes=self.size)) for d in self.devices]
+
+    roomy, tight = Device(free=1000), Device(free=500)
+    params = {"embed_tokens": Leaf(10**9, (tight,)), "layers": {"a": Leaf(300, (roomy, tight)),
+                                                               "b": Leaf(100, (roomy, tight))}}
+    assert generate.room_for_layer_copy(params)  # 400 bytes per device: within 80% of 500 and of 1000
+    params["layers"]["c"] = Leaf(100, (roomy, tight))  # 500 > 0.8 * 500 on the tight device
+    assert not generate.room_for_layer_copy(params)
+    assert generate.room_for_layer_copy({"layers": {"a": jnp.zeros((2, 3))}})  # CPU: no memory statistics
+
+
+def test_first_max_is_argmax_with_ties_and_nan():
+    logits = jnp.asarray([[0.0, 3.0, 3.0, 1.0],  # tie: the first of the two
+                          [-5.0, -7.0, -5.0, -9.0],
+                          [1.0, np.nan, 2.0, np.nan],  # NaN: the first NaN, as jnp.argmax
+                          [-np.inf, -np.inf, -np.inf, -np.inf]])
+    np.testing.assert_array_equal(generate._first_max(logits), [1, 0, 1, 0])
 
 
 def test_greedy_equals_transformers_with_eos_stopping(tiny):
