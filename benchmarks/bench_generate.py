@@ -96,6 +96,7 @@ def run(opts: Options) -> Result:
     prefill_peer = median([timed(lambda: peer(1))[0] for _ in range(2)])
     whole_ours, whole_peer = new_tokens / median(a), new_tokens / median(b)
     floor_ms = 1e3 * st.shape.matmul_params() * 4 / weight_stream_rate(st.shape, len(prompts))
+    chain_ms = 1e3 * matmul_chain_seconds(st.shape, len(prompts))
     same_rows = sum(x == y for x, y in zip(ours_tokens, peer_tokens, strict=True))
     mismatch = _first_mismatch(ours_tokens, peer_tokens)
     details = [
@@ -114,6 +115,8 @@ def run(opts: Options) -> Result:
         f"at the rate a jitted [{len(prompts)}, d] x [d, n] matmul streams float32 weights here); "
         f"peer_decode/floor={1e3 * (whole_peer - prefill_peer) / max(n_new - 1, 1) / floor_ms:.2f} (the most "
         "any implementation can gain on decoding at this batch and dtype)",
+        f"matmul_chain_ms_per_token={chain_ms:.2f} (a jitted loop of just this model's decode matmuls, one "
+        "float32 buffer per kernel: what XLA itself reaches on them, with no attention, norms or sampling)",
     ]
     return Result("generate", median(a), median(b), "tokens/s", peer_name="transformers generate (torch eager)",
                   details=details, checks={"same_tokens": same_rows == len(prompts)},
@@ -132,6 +135,39 @@ def weight_stream_rate(shape: ModelShape, batch: int) -> float:
     matmul(rows, weight).block_until_ready()
     seconds = median([timed(lambda: matmul(rows, weight).block_until_ready())[0] for _ in range(5)])
     return weight.nbytes / seconds
+
+
+def matmul_chain_seconds(shape: ModelShape, batch: int, steps: int = 16) -> float:
+    """Seconds per step of a jitted loop that runs only the matmuls of one decode step: per layer q, k, v,
+    o, gate, up and down on [batch, in] rows, then the LM head, each kernel its own buffer (zeros: the
+    timing does not depend on the values, and zeros keep denormals away)."""
+    import jax
+    import jax.numpy as jnp
+
+    d, f, hd = shape.hidden, shape.intermediate, shape.hd
+    q_out, kv_out = shape.heads * hd, shape.kv_heads * hd
+    layer = {"q": (d, q_out), "k": (d, kv_out), "v": (d, kv_out), "o": (q_out, d), "gate": (d, f), "up": (d, f),
+             "down": (f, d)}
+    kernels = [{name: jnp.zeros(dims, jnp.float32) for name, dims in layer.items()} for _ in range(shape.layers)]
+    head = jnp.zeros((d, shape.vocab), jnp.float32)
+
+    def one_step(x: Any, kernels: list[dict], head: Any) -> Any:
+        for w in kernels:
+            q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+            attended = q + jnp.tile(k + v, q_out // kv_out)
+            x = x + attended @ w["o"]
+            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+        return x + (x @ head)[:, :d]
+
+    @jax.jit
+    def run(x: Any, kernels: list[dict], head: Any, n: Any) -> Any:  # weights as arguments: never folded
+        return jax.lax.fori_loop(0, n, lambda _, y: one_step(y, kernels, head), x)
+
+    rows = jnp.zeros((batch, d), jnp.float32)
+    run(rows, kernels, head, 1).block_until_ready()
+    one = median([timed(lambda: run(rows, kernels, head, 1).block_until_ready())[0] for _ in range(3)])
+    many = median([timed(lambda: run(rows, kernels, head, steps + 1).block_until_ready())[0] for _ in range(3)])
+    return (many - one) / steps
 
 
 def _first_mismatch(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
