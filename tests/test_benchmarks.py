@@ -38,6 +38,8 @@ def test_cpu_suite_tiny_generate_merge_load_agree_with_peers(tmp_path):
     assert set(lines) == {"generate", "merge_ties", "merge_ties_peak_rss", "load", "load_host_overhead"}
     # the equality checks ran and passed: same greedy tokens as transformers, same merged tensors as mergekit
     assert "CHECK generate same_tokens=pass" in proc.stdout
+    # the decode floor measured on the model's own matmul shapes is reported
+    assert re.search(r"DETAIL generate matmul_chain_ms_per_token=-?[0-9.]+ ", proc.stdout)
     assert "CHECK merge_ties outputs_equal=pass" in proc.stdout
     assert "CHECK merge_ties same_tensor_names=pass" in proc.stdout
     by_name = {r["name"]: r for r in saved["results"]}

@@ -118,6 +118,43 @@ def test_layers_are_scanned_one_compiled_layer_for_any_depth():
     assert sizes[1] == sizes[2] == sizes[7]
 
 
+@pytest.mark.parametrize("name", ["multi_head_untied", "gqa_tied"])
+def test_fp32_gradients_of_every_parameter_match_torch_autograd(hf_llama, name):
+    """d(next-token cross-entropy)/d(every weight) against transformers' autograd (kernels transposed)."""
+    import torch
+
+    from jaxcollab import train
+
+    path, reference = hf_llama(**CONFIGS[name])
+    cfg, params = model.load_hf(path, dtype=jnp.float32)
+    tokens = random_tokens(3, 20, seed=2)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    logits = reference(ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    expected = {n: p.grad.numpy() for n, p in reference.named_parameters()}
+
+    def loss(p):
+        total, count = train.token_cross_entropy(model.forward(cfg, p, tokens), tokens, np.ones(tokens.shape))
+        return total / count
+
+    grads = jax.grad(loss)(params)
+    ours = {"model.embed_tokens.weight": grads["embed_tokens"]["embedding"],
+            "model.norm.weight": grads["norm"]["scale"]}
+    if not cfg.tie_word_embeddings:
+        ours["lm_head.weight"] = grads["lm_head"]["kernel"].T
+    layers = grads["layers"]
+    for i in range(cfg.num_layers):
+        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for proj in names:
+                ours[f"model.layers.{i}.{block}.{proj}.weight"] = layers[block][proj]["kernel"][i].T
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            ours[f"model.layers.{i}.{norm}.weight"] = layers[norm]["scale"][i]
+    assert set(ours) == set(expected)
+    for weight_name, grad in ours.items():
+        assert rel_err(grad, expected[weight_name]) <= 1e-4, (weight_name, rel_err(grad, expected[weight_name]))
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "qkv_proj"])
 def test_remat_policies_keep_values_and_gradients(policy):
     base = model.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
