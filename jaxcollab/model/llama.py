@@ -26,6 +26,8 @@ Design:
 - LoRA is an overlay, never a weight update: an adapter's factors arrive as the variable collection
   `lora` (mirroring the parameter tree, stacked over layers like it), and each targeted `Linear` adds
   `scaling * dropout(x) A^T B^T` to `x W`. `W + BA` is never formed. See `jaxcollab.lora`.
+- Every projection (`x W` and LoRA's `h B^T`) goes through `project`, whose VJP computes a widening
+  kernel's gradient as (g^T x)^T so that XLA:CPU transposes the narrower operand (see `project`).
 """
 
 from __future__ import annotations
