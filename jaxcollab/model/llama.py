@@ -125,8 +125,8 @@ def project(x: Array, w: Array, precision: Any = None, out_dtype: Any = None) ->
     the larger one whenever out > in ([tokens, 14336] for Llama 3 8B's gate and up projections, the whole
     [tokens, vocab] logits gradient for the LM head, every [tokens, out] LoRA B input gradient). This VJP
     computes (g^T x)^T in that case, so x is the one transposed and the [out, in] result is flipped after.
-    Profiled on the 56M-parameter benchmark model this removed 0.6 s of transposing copies from a 4.2 s
-    LoRA loss-and-gradient and 1.0 s from a 4.6 s full fine-tuning one (see benchmarks/RESULTS.md).
+    Profiled on the 56M-parameter benchmark model this removed about 0.6 s of transposing copies from a
+    4.2 s LoRA loss-and-gradient and from a 4.7 s full fine-tuning one (see benchmarks/RESULTS.md).
     """
     return jnp.einsum("...i,io->...o", x, w, precision=precision, preferred_element_type=out_dtype)
 
