@@ -8,7 +8,9 @@ decay) after global-norm clipping at 1.0, the loss averaged over every token, no
 causal attention through the fused SDPA path each library picks. On the CPU suite both sides load the
 same checkpoint and the first loss is checked to agree; the sides alternate repeat by repeat in one
 process. On the GPU suite each side runs in its own child process (each then has the whole GPU) at the
-largest batch of the candidates that fits both, with remat ("full"; torch: gradient checkpointing).
+largest batch of the candidates that fits both, with remat ("full"; torch: gradient checkpointing), and
+ours computes the LM head + loss 256 positions at a time (`TrainConfig.loss_chunk`; `--loss-chunk`
+changes it, 0 for the whole logits as the CPU suite).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class TrainSetting:
     warmup: int  # untimed steps first (compilation, allocator warm-up)
     in_process: bool  # alternate the sides in this process (CPU) or run each in a child (GPU)
     matmul_size: int  # square matmul that measures the peak rate
+    loss_chunk: int = 0  # ours: positions per chunk of the LM head + loss (TrainConfig.loss_chunk)
 
     @property
     def device_kind(self) -> str:
@@ -60,10 +63,15 @@ class TrainSetting:
 
 
 def setting(opts: Options) -> TrainSetting:
+    st = _suite_setting(opts)
+    return st if opts.loss_chunk is None else dataclasses.replace(st, loss_chunk=opts.loss_chunk)
+
+
+def _suite_setting(opts: Options) -> TrainSetting:
     if opts.suite == "gpu" and (opts.reduced or opts.tiny):
-        return TrainSetting(LLAMA3_8B_REDUCED, (4, 2, 1), 128, "bfloat16", "full", 2, 1, False, 512)
+        return TrainSetting(LLAMA3_8B_REDUCED, (4, 2, 1), 128, "bfloat16", "full", 2, 1, False, 512, 32)
     if opts.suite == "gpu":
-        return TrainSetting(LLAMA3_8B, (64, 32, 16, 8, 4, 2, 1), 2048, "bfloat16", "full", 5, 2, False, 8192)
+        return TrainSetting(LLAMA3_8B, (64, 32, 16, 8, 4, 2, 1), 2048, "bfloat16", "full", 5, 2, False, 8192, 256)
     if opts.tiny:
         return TrainSetting(TINY, (2,), 32, "float32", "none", 2, 1, True, 256)
     return TrainSetting(CPU_SMALL, (8,), 256, "float32", "none", 2, 1, True, 2048)
@@ -103,7 +111,8 @@ class OursTrain:
         else:
             mask = train.full_finetune_mask(variables)
         self.tcfg = train.TrainConfig(learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0, num_steps=1,
-                                      progress=False, log_every=10**9, checkpoint_every=10**9)
+                                      progress=False, log_every=10**9, checkpoint_every=10**9,
+                                      loss_chunk=st.loss_chunk)
         self.cfg = cfg
         self.trainer = train.Trainer(cfg, self.tcfg, variables, mask, donate_variables=True)
         self.num_trainable = self.trainer.num_trainable
@@ -118,14 +127,23 @@ class OursTrain:
         return seconds
 
     def _loss_fn(self) -> Any:
+        """The mean loss (forward only), with the step's chunked head loss when it has one."""
         from jaxcollab import model
+        from jaxcollab.model.head_loss import chunked_token_cross_entropy
+        from jaxcollab.model.llama import forward_hidden, matmul_precision, output_kernel
 
-        cfg, train = self.cfg, self.train
+        cfg, train, chunk = self.cfg, self.train, self.tcfg.loss_chunk
 
         def loss(trainable: Any, frozen: Any, batch: dict) -> Any:
             variables = train.combine(trainable, frozen)
-            logits = model.forward(cfg, variables["params"], batch["tokens"], lora=variables.get("lora"))
-            total, count = train.token_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+            params, tokens, adapter = variables["params"], batch["tokens"], variables.get("lora")
+            if chunk:
+                total, count = chunked_token_cross_entropy(
+                    forward_hidden(cfg, params, tokens, adapter), output_kernel(cfg, params), tokens,
+                    batch["loss_mask"], chunk=chunk, precision=matmul_precision(cfg))
+            else:
+                logits = model.forward(cfg, params, tokens, lora=adapter)
+                total, count = train.token_cross_entropy(logits, tokens, batch["loss_mask"])
             return total / count
 
         return self.jax.jit(loss)
@@ -412,6 +430,7 @@ def _result(opts: Options, st: TrainSetting, kind: str, ours: dict, peer: dict, 
     details = [
         f"model {st.shape.describe()}",
         f"batch={batch} seq={st.seq_len} tokens_per_step={batch * st.seq_len} dtype={st.dtype} remat={st.remat} "
+        f"ours_loss_chunk={st.loss_chunk or 'whole_logits'} "
         f"steps_per_repeat={st.steps} warmup_steps={st.warmup} repeats={len(ours['samples'])} (median)",
         f"optimizer AdamW lr={LR} betas=(0.9,0.999) eps=1e-8 weight_decay=0 clip_global_norm=1.0; loss: mean over "
         "all B*(T-1) next-token predictions",

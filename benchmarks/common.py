@@ -30,6 +30,7 @@ class Options:
     repeats: int  # timed repeats per side; figures are medians
     workdir: Path  # generated checkpoints (kept between runs) and scratch outputs
     threads: int  # CPU threads of the torch side (JAX uses every core it sees)
+    loss_chunk: int | None = None  # training: ours' TrainConfig.loss_chunk (None: the suite's setting)
 
 
 @dataclasses.dataclass

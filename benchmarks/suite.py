@@ -71,6 +71,9 @@ def parse(argv: list[str]) -> tuple[Options, list[str], Path | None]:
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "jaxcollab-bench",
                         help="generated checkpoints (reused between runs) and scratch outputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="training: positions per chunk of our LM head + loss, 0 for the whole logits "
+                             "(default: 256 on the gpu suite, 0 on the cpu suite)")
     args = parser.parse_args(argv)
     suite_names = [n for n, (suites, _) in BENCHMARKS.items() if args.suite in suites]
     names = [n.strip() for n in args.only.split(",") if n.strip()] or suite_names
@@ -79,8 +82,10 @@ def parse(argv: list[str]) -> tuple[Options, list[str], Path | None]:
         parser.error(f"--only: {unknown} not in the {args.suite} suite; choose from {suite_names}")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.loss_chunk is not None and args.loss_chunk < 0:
+        parser.error("--loss-chunk must be >= 0")
     opts = Options(suite=args.suite, tiny=args.tiny, reduced=args.reduced, repeats=args.repeats,
-                   workdir=args.workdir.absolute(), threads=args.threads)
+                   workdir=args.workdir.absolute(), threads=args.threads, loss_chunk=args.loss_chunk)
     return opts, names, args.json
 
 

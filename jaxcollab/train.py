@@ -16,7 +16,9 @@ The loss is token cross-entropy on answer tokens (the batch's `loss_mask`, see t
 normalised by the number of answer tokens in the whole effective batch (counted before gradient
 accumulation splits the batch into micro-batches, so their gradients simply add up), plus the o-LoRA
 penalties, plus for a mixture of experts the router load-balancing (and z-) losses averaged over
-micro-batches. The step is jitted with the state donated.
+micro-batches. The step is jitted with the state donated. With `loss_chunk` set, the LM head and the
+cross-entropy run a chunk of positions at a time (`model.head_loss`), so the [B, T, V] logits of a long
+sequence and large vocabulary never exist at once.
 
 Batch format (numpy or jax arrays, [batch, seq_len]): `tokens` int32; `loss_mask` float32, 1 where the
 token at t is an answer token to be predicted from tokens < t; optional `segment_ids` (packed rows,
@@ -53,7 +55,8 @@ from tqdm.auto import tqdm
 
 from jaxcollab import lora as lora_lib
 from jaxcollab.model.config import LlamaConfig
-from jaxcollab.model.llama import forward, forward_with_aux
+from jaxcollab.model.head_loss import chunked_token_cross_entropy
+from jaxcollab.model.llama import forward, forward_hidden, forward_with_aux, matmul_precision, output_kernel
 from jaxcollab.model.sharding import shard_batch, single_device_mesh
 from jaxcollab.moe import load_balancing_loss, router_z_loss
 
@@ -87,6 +90,7 @@ class TrainConfig:
     olora_lambda2: float = 0.0  # weight of sum ||new factor||_2 (original O-LoRA)
     router_aux_coef: float = 0.1  # Mixtral load-balancing loss (mixtures of experts only)
     router_z_coef: float = 0.0  # router z-loss (mixtures of experts only)
+    loss_chunk: int = 0  # positions per chunk of the LM head + cross-entropy; 0: the whole logits at once
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ class TrainConfig:
         for name in ("num_steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0 computes the whole logits), got {self.loss_chunk}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
@@ -219,17 +225,25 @@ def make_gradients(
         use_dropout = adapter is not None and adapter.dropout > 0
         kwargs = dict(lora=adapter, segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                       dropout_rng=key if use_dropout else None)
+        params, tokens = variables["params"], batch["tokens"]
         router_loss = jnp.zeros((), jnp.float32)
-        if model_cfg.is_moe:
-            logits, aux = forward_with_aux(model_cfg, variables["params"], batch["tokens"], **kwargs)
+        if cfg.loss_chunk:
+            out = forward_hidden(model_cfg, params, tokens, **kwargs, with_aux=model_cfg.is_moe)
+        else:
+            out = (forward_with_aux if model_cfg.is_moe else forward)(model_cfg, params, tokens, **kwargs)
+        out, aux = out if model_cfg.is_moe else (out, None)
+        if aux is not None:
             real = batch["segment_ids"] > 0 if "segment_ids" in batch else None
             router_loss = cfg.router_aux_coef * load_balancing_loss(
                 aux["router_logits"], model_cfg.num_experts_per_tok, real)
             if cfg.router_z_coef:
                 router_loss = router_loss + cfg.router_z_coef * router_z_loss(aux["router_logits"], real)
+        if cfg.loss_chunk:
+            ce_sum, _ = chunked_token_cross_entropy(
+                out, output_kernel(model_cfg, params), tokens, batch["loss_mask"], chunk=cfg.loss_chunk,
+                precision=matmul_precision(model_cfg))
         else:
-            logits = forward(model_cfg, variables["params"], batch["tokens"], **kwargs)
-        ce_sum, _ = token_cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+            ce_sum, _ = token_cross_entropy(out, tokens, batch["loss_mask"])
         return ce_sum / denom + router_loss / n_micro, (ce_sum, router_loss)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)

@@ -71,7 +71,7 @@ def test_gpu_suite_runs_on_cpu_at_the_reduced_shape(tmp_path):
     (result,) = saved["results"]
     assert result["name"] == "train_step_lora" and result["unit"] == "tokens/s"
     details = " ".join(result["details"])
-    assert "dtype=bfloat16 remat=full" in details and "mfu ours=" in details
+    assert "dtype=bfloat16 remat=full ours_loss_chunk=32" in details and "mfu ours=" in details
 
 
 def test_unknown_benchmark_is_a_usage_error():

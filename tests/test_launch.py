@@ -78,6 +78,13 @@ def test_unknown_strategy_lists_the_valid_ones():
         validate(config)
 
 
+def test_negative_loss_chunk_is_refused():
+    config = experiment_config("semi")
+    config.model.loss_chunk = -8
+    with pytest.raises(ExperimentConfigError, match=r"config.model.loss_chunk=-8 must be >= 0"):
+        validate(config)
+
+
 def test_trace_variant_without_trace_root_fails_at_once(monkeypatch):
     monkeypatch.delenv("JAXCOLLAB_TRACE_ROOT", raising=False)
     config = experiment_config("semi", "tiny_trace")

@@ -118,9 +118,11 @@ def test_layers_are_scanned_one_compiled_layer_for_any_depth():
     assert sizes[1] == sizes[2] == sizes[7]
 
 
+@pytest.mark.parametrize("loss_chunk", [0, 6])
 @pytest.mark.parametrize("name", ["multi_head_untied", "gqa_tied"])
-def test_fp32_gradients_of_every_parameter_match_torch_autograd(hf_llama, name):
-    """d(next-token cross-entropy)/d(every weight) against transformers' autograd (kernels transposed)."""
+def test_fp32_gradients_of_every_parameter_match_torch_autograd(hf_llama, name, loss_chunk):
+    """d(next-token cross-entropy)/d(every weight) against transformers' autograd (kernels transposed): the
+    training objective's gradients (`train.make_gradients`), with whole logits and with the chunked head loss."""
     import torch
 
     from jaxcollab import train
@@ -133,11 +135,11 @@ def test_fp32_gradients_of_every_parameter_match_torch_autograd(hf_llama, name):
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     expected = {n: p.grad.numpy() for n, p in reference.named_parameters()}
 
-    def loss(p):
-        total, count = train.token_cross_entropy(model.forward(cfg, p, tokens), tokens, np.ones(tokens.shape))
-        return total / count
-
-    grads = jax.grad(loss)(params)
+    variables = {"params": params}
+    trainable, frozen = train.partition(variables, train.full_finetune_mask(variables))
+    gradients = train.make_gradients(cfg, train.TrainConfig(loss_chunk=loss_chunk))
+    batch = {"tokens": tokens, "loss_mask": np.ones(tokens.shape, np.float32)}
+    grads = jax.jit(gradients)(trainable, frozen, batch, jax.random.key(0))[0]["params"]
     ours = {"model.embed_tokens.weight": grads["embed_tokens"]["embedding"],
             "model.norm.weight": grads["norm"]["scale"]}
     if not cfg.tie_word_embeddings:

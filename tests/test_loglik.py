@@ -54,7 +54,19 @@ def torch_score(reference, tokens: list[int], num_scored: int) -> tuple[float, b
     return float(total), greedy
 
 
-def test_loglikelihood_equals_transformers_for_mixed_lengths(tiny):
+@pytest.fixture(params=["default_chunk", "chunk_16"])
+def score_chunk(request, monkeypatch):
+    """Scoring with the default head chunk (one chunk per bucket here) and with 16 positions per chunk."""
+    from jaxcollab.evaluation import loglik
+
+    if request.param == "chunk_16":
+        monkeypatch.setattr(loglik, "SCORE_CHUNK", 16)
+    loglik._score_batch.clear_cache()  # the chunk is read when the scorer compiles
+    yield loglik.SCORE_CHUNK
+    loglik._score_batch.clear_cache()
+
+
+def test_loglikelihood_equals_transformers_for_mixed_lengths(tiny, score_chunk):
     reference, cfg, params = tiny
     sentence = "The quick brown fox jumps over the lazy dog. " * 3
     requests = [

@@ -282,8 +282,10 @@ def test_sigkill_while_writing_a_checkpoint_restarts_from_the_previous_one(tmp_p
 
 
 # ------------------------------------------------------------------------------------------- sharding
-@pytest.mark.parametrize("mode", ["fft", "lora"])
-def test_eight_device_mesh_gives_the_same_loss_trajectory(tmp_path, mode):
+@pytest.mark.parametrize("mode,loss_chunk", [("fft", 0), ("lora", 0), ("fft", 2)])
+def test_eight_device_mesh_gives_the_same_loss_trajectory(tmp_path, mode, loss_chunk):
+    """data x fsdp x tensor against one device; with `loss_chunk` the sharded run uses the chunked head loss
+    (head gradients accumulated over chunks of a vocabulary-sharded head) and the one-device run does not."""
     tokens, mask = lookup_task()
     base = scaled_base() if mode == "lora" else model.init_params(TINY, jax.random.key(0))
     losses = {}
@@ -295,7 +297,8 @@ def test_eight_device_mesh_gives_the_same_loss_trajectory(tmp_path, mode):
         else:
             variables = {"params": params}
             leaf_mask = train.full_finetune_mask(variables)
-        cfg = train.TrainConfig(learning_rate=1e-2, num_steps=8, log_every=1, progress=False)
+        cfg = train.TrainConfig(learning_rate=1e-2, num_steps=8, log_every=1, progress=False,
+                                loss_chunk=0 if mesh is None else loss_chunk)
         trainer = train.Trainer(TINY, cfg, variables, leaf_mask, workdir=tmp_path / name, mesh=mesh)
         if mesh is not None:
             q = trainer.state.trainable["lora"].factors("q_proj")[1] if mode == "lora" else \

@@ -28,8 +28,9 @@ does):
 Batching: requests are sorted by length and cut into batches; each batch is right-padded to a
 power-of-two length bucket (at least 16 tokens, at most `max_length`) and a power-of-two number of rows
 (at most `batch_size`), so a whole evaluation compiles a handful of shapes. Only per-row sums and
-greedy flags leave the device, never the [B, T, V] logits. Peak memory grows with
-`batch_size * bucket * vocab_size` (the logits and their log-softmax).
+greedy flags leave the device, never the [B, T, V] logits: the LM head and the log-softmax run
+`SCORE_CHUNK` positions at a time (`model.head_loss.chunked_target_scores`), so peak memory grows with
+`batch_size * min(bucket, SCORE_CHUNK) * vocab_size` for the logits.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ import numpy as np
 
 from jaxcollab.data.tokenizers import Tokenizer
 from jaxcollab.model.config import LlamaConfig
-from jaxcollab.model.llama import forward
+from jaxcollab.model.head_loss import chunked_target_scores
+from jaxcollab.model.llama import forward_hidden, matmul_precision, output_kernel
 
 __all__ = [
     "MultipleChoiceDataError",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 MIN_LENGTH_BUCKET = 16
+SCORE_CHUNK = 256  # positions whose [B, chunk, V] logits are computed at a time
 DEFAULT_BATCH_SIZE = 8
 MULTIPLE_CHOICE_KEYS = ("context", "choices", "gold")
 
@@ -124,11 +127,11 @@ def _score_batch(
     targets: jax.Array,  # [B, T] the token each position should predict
     scored: jax.Array,  # [B, T] True where the target is a continuation token
 ) -> tuple[jax.Array, jax.Array]:
-    logits = forward(cfg, params, tokens, lora, attention_mask=mask)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    target_logprobs = target_logits - jax.nn.logsumexp(logits, axis=-1)  # log-softmax at the targets only
+    hidden = forward_hidden(cfg, params, tokens, lora, attention_mask=mask)
+    target_logprobs, hits = chunked_target_scores(hidden, output_kernel(cfg, params), targets, chunk=SCORE_CHUNK,
+                                                  precision=matmul_precision(cfg))
     totals = jnp.sum(jnp.where(scored, target_logprobs, 0.0), axis=1)
-    greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~scored, axis=1)
+    greedy = jnp.all(hits | ~scored, axis=1)
     return totals, greedy
 
 

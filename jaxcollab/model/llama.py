@@ -28,6 +28,8 @@ Design:
   `scaling * dropout(x) A^T B^T` to `x W`. `W + BA` is never formed. See `jaxcollab.lora`.
 - Every projection (`x W` and LoRA's `h B^T`) goes through `project`, whose VJP computes a widening
   kernel's gradient as (g^T x)^T so that XLA:CPU transposes the narrower operand (see `project`).
+- `forward_hidden` stops before the LM head (final-normed [B, T, d]); with `output_kernel` ([d, V]) it
+  feeds the chunked head + loss of `head_loss.py`, which never holds the whole [B, T, V] logits.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def _project_fwd(x: Array, w: Array, precision: Any, out_dtype: Any) -> tuple[Ar
 def _project_bwd(precision: Any, out_dtype: Any, saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, w = saved
     n_in, n_out = w.shape
+    g = g.astype(x.dtype)  # float32 logits' gradient -> compute dtype, as torch's bf16 head sees it
     dx = jnp.einsum("...o,io->...i", g, w, precision=precision, preferred_element_type=jnp.float32)
     rows, grads = x.reshape(-1, n_in), g.reshape(-1, n_out)
     if n_out > n_in:
@@ -408,9 +411,12 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(
         self, tokens: Array, positions: Array, mask: Array | None, cache: KVCache | None = None,
-        cache_index: Array | None = None, last_only: bool = False,
+        cache_index: Array | None = None, last_only: bool = False, final_hidden: bool = False,
     ) -> Array | tuple[Array, KVCache]:
-        """Logits, or (logits, updated cache) when a cache is given; `last_only` keeps the last position."""
+        """Logits, or (logits, updated cache) when a cache is given; `last_only` keeps the last position.
+
+        `final_hidden` returns the final-normed hidden states [B, T, d] (compute dtype) instead of logits.
+        """
         cfg = self.cfg
         embed = Embed(cfg, name="embed_tokens")
         x = constrain(embed(tokens), ("batch", "length", "act_embed"))
@@ -440,6 +446,8 @@ class Llama(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg, name="norm")(x)
+        if final_hidden:
+            return x
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -539,11 +547,49 @@ def forward_with_aux(
     stream entering each layer) and, for a mixture of experts, `router_logits` [L, B, T, E]."""
     logits, state = _apply(cfg, params, tokens, lora, attention_mask, segment_ids, positions, dropout_rng,
                            mutable=["intermediates"])
+    return logits, _sown(cfg, state)
+
+
+def _sown(cfg: LlamaConfig, state: dict) -> dict:
     sown = state["intermediates"]["layers"]
     aux = {"layer_inputs": sown["layer_inputs"][0]}
     if cfg.is_moe:
         aux["router_logits"] = sown["mlp"]["router_logits"][0]
-    return logits, aux
+    return aux
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "with_aux"))
+def forward_hidden(
+    cfg: LlamaConfig,
+    params: dict,
+    tokens: Array,
+    lora: AdapterLike | None = None,
+    *,
+    attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    dropout_rng: Array | None = None,
+    with_aux: bool = False,
+) -> Array | tuple[Array, dict]:
+    """The final-normed hidden states [B, T, d] in the compute dtype: `forward` without the LM head, whose
+    [d, V] kernel is `output_kernel(cfg, params)`. With `with_aux`, (hidden, aux) as `forward_with_aux`."""
+    if not with_aux:
+        return _apply(cfg, params, tokens, lora, attention_mask, segment_ids, positions, dropout_rng,
+                      final_hidden=True)
+    hidden, state = _apply(cfg, params, tokens, lora, attention_mask, segment_ids, positions, dropout_rng,
+                           final_hidden=True, mutable=["intermediates"])
+    return hidden, _sown(cfg, state)
+
+
+def output_kernel(cfg: LlamaConfig, params: dict) -> Array:
+    """The LM head as a [d, V] kernel in the compute dtype: `lm_head`, or the transposed embeddings when tied."""
+    kernel = params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    return kernel.astype(cfg.compute_dtype)
+
+
+def matmul_precision(cfg: LlamaConfig) -> Any:
+    """The `precision` argument of the model's matmuls (`cfg.precision` as a `jax.lax.Precision` or None)."""
+    return _PRECISION[cfg.precision]
 
 
 def _variables(params: dict, lora: AdapterLike | None, deterministic: bool) -> tuple[dict, LoraRuntime | None]:

@@ -86,6 +86,7 @@ def experiment_config(setting: str, variant: str | None = None) -> ml_collection
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # storage dtype
     c.model.remat_policy = "none"
+    c.model.loss_chunk = 0  # training: positions per chunk of the LM head + loss (0: whole [B, T, V] logits)
 
     # Pre-training of a scratch base on the old-knowledge task.
     c.base_train = _train(3e-3, schedule="cosine", warmup_steps=10, epochs=110.0)
@@ -172,6 +173,7 @@ def experiment_config(setting: str, variant: str | None = None) -> ml_collection
         c.model.dtype = "bfloat16"
         c.model.param_dtype = "bfloat16"
         c.model.remat_policy = "dots_no_batch"
+        c.model.loss_chunk = 256  # [B, 256, 128256] float32 logits at a time instead of [B, 2048, 128256]
         c.data.kind = "trace"
         c.data.trace_root = os.environ.get("JAXCOLLAB_TRACE_ROOT", "")
         c.data.tasks = ",".join(PAPER_TASK_ORDER)
@@ -242,6 +244,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.path={config.model.path!r} is not a directory; the {config.variant} variant needs a"
             " local Hugging Face Llama directory (set --config.model.path or JAXCOLLAB_LLAMA3_PATH)"
         )
+    if config.model.loss_chunk < 0:
+        raise ExperimentConfigError(
+            f"config.model.loss_chunk={config.model.loss_chunk} must be >= 0 (0 computes the whole logits)")
     if config.data.kind not in ("synthetic", "trace"):
         raise ExperimentConfigError(f"config.data.kind={config.data.kind!r}; valid: synthetic, trace")
     if config.data.kind == "trace" and not os.path.isdir(config.data.trace_root or ""):

@@ -331,7 +331,7 @@ class Runner:
             max_grad_norm=settings.max_grad_norm or None, grad_accum_steps=settings.grad_accum_steps,
             seed=self.config.seed, log_every=max(1, min(50, num_steps // 4)),
             checkpoint_every=settings.checkpoint_every, keep_checkpoints=2, progress=bool(self.config.progress),
-            **extra,
+            loss_chunk=self.config.model.loss_chunk, **extra,
         )
 
     def _epochs(self, settings: ml_collections.ConfigDict, data: DataSpec | None) -> float:
