@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def run(config: ConfigDict, workdir: str | Path | None = None) -> Path:
 
     from jaxcollab.atomic import atomic_file
     from jaxcollab.protocols import Runner, run_experiment, strategy_names, validate
+    from jaxcollab.provenance import provenance
     from jaxcollab.report import write_report
 
     validate(config)
@@ -109,7 +111,9 @@ def run(config: ConfigDict, workdir: str | Path | None = None) -> Path:
             bars.pop(name).close()
         tqdm.write(_summary_line(name, s))
 
+    started = time.perf_counter()
     results = run_experiment(runner, on_strategy=on_strategy, on_round=on_round)
+    results["provenance"] = {**provenance(), "wall_seconds": time.perf_counter() - started}
     path = workdir / "results.json"
     if writer:
         with atomic_file(path) as tmp:

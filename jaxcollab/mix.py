@@ -124,7 +124,7 @@ def run(args: MixArgs) -> str:
         tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.tokenizer or args.base)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
-        router_prompts = [[[tokenizer.bos_id, *tokenizer.encode(t)] for t in prompts] for prompts in texts]
+        router_prompts = [[[*tokenizer.start_ids, *tokenizer.encode(t)] for t in prompts] for prompts in texts]
         pad_id = tokenizer.pad_id
     mixed_cfg, mixed = moe.mix(
         cfg, base, experts, router=args.router, top_k=args.top_k, key=jax.random.key(args.seed),

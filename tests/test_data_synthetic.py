@@ -84,3 +84,20 @@ def test_registry_exposes_synthetic_tasks():
         get_task("synthetic/old", facts=3)
     with pytest.raises(ValueError, match="facts_per_domain must be in"):
         synthetic_domains(facts_per_domain=0)
+
+
+def test_heldout_mode_trains_three_phrasings_and_tests_an_unseen_fourth():
+    domain = synthetic_domains(num_rounds=1, seed=5, facts_per_domain=8, test_template="heldout")[1]
+    train, test = domain.examples("train"), domain.examples("test")
+    assert len(train) == 3 * 8 and len(test) == 8
+    train_questions = {row["prompt"] for row in train}
+    assert not train_questions & {row["prompt"] for row in test}  # never a training string
+    for fact, row in zip(domain.facts, test, strict=True):
+        assert fact.name in row["prompt"] and row["answer"] == fact.value
+        asked = [r for r in train if fact.name in r["prompt"] and r["answer"] == fact.value]
+        assert len({r["prompt"] for r in asked}) >= 3  # every fact in three wordings
+    by_key = {a.key: a for a in ATTRIBUTES}
+    assert test[0]["prompt"] == by_key[domain.facts[0].attribute].heldout_template.format(name=domain.facts[0].name)
+    # the facts themselves are those of the default mode
+    same = synthetic_domains(num_rounds=1, seed=5, facts_per_domain=8)[1]
+    assert same.facts == domain.facts

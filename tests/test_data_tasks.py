@@ -257,3 +257,37 @@ def test_registry_names_and_errors(tmp_path, monkeypatch):
     assert get_task("FOMC").examples("train") == [{"prompt": "p", "answer": "a"}]
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         get_task("FOMC").load("dev")
+
+
+def test_chat_template_wraps_the_task_templates_and_keeps_answers(tmp_path):
+    from test_data_tokenizers import build_tiny_hf_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxcollab.data import HFTokenizer, metamath_task, with_chat_template
+
+    path = build_tiny_hf_tokenizer(tmp_path / "tok")
+    fast = PreTrainedTokenizerFast.from_pretrained(path)
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fast.save_pretrained(path)
+    tokenizer = HFTokenizer(path)
+    assert tokenizer.has_chat_template
+    assert tokenizer.chat_prompt("Hi {x}") == "<|user|>Hi {x}</s><|assistant|>"
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"query": "What is 2+3?", "response": "2+3=5. The answer is: 5"}\n')
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text('{"query": "What is 1+1?", "response": "1+1=2\\n#### 2"}\n')
+    task = metamath_task(train_file=train, gsm8k_file=gsm)
+    chat = with_chat_template(task, tokenizer.chat_prompt)
+    raw_train, raw_test = task.examples("train")[0], task.examples("test")[0]
+    assert chat.examples("train")[0] == {"prompt": f"<|user|>{raw_train['prompt']}</s><|assistant|>",
+                                         "answer": raw_train["answer"]}
+    # the evaluation template (MetaMath's "Let's think step by step.") goes inside the chat too
+    assert chat.examples("test")[0]["prompt"] == f"<|user|>{raw_test['prompt']}</s><|assistant|>"
+    assert raw_test["prompt"].endswith("Let's think step by step.")
+
+    def drops_the_message(message: str) -> str:
+        return "<|assistant|>"
+
+    with pytest.raises(DataError, match="does not place the user's message"):
+        with_chat_template(task, drops_the_message)

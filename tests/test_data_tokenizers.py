@@ -73,6 +73,29 @@ def test_loss_mask_covers_exactly_answer_and_eos_hand_built():
     example = encode_example(tok.encode("Q?"), tok.encode("A1"), bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=16)
     assert example.tokens.tolist() == [257, ord("Q"), ord("?"), ord("A"), ord("1"), 258]
     assert example.loss_mask().tolist() == [0, 0, 0, 1, 1, 1]
+    # a tokenizer without BOS (SmolLM2's): the prompt's first token starts the sequence
+    example = encode_example(tok.encode("Q?"), tok.encode("A1"), bos_id=None, eos_id=tok.eos_id, seq_len=16)
+    assert example.tokens.tolist() == [ord("Q"), ord("?"), ord("A"), ord("1"), 258]
+    assert example.loss_mask().tolist() == [0, 0, 1, 1, 1]
+    # cut to fit: without BOS the prompt keeps one more token
+    example = encode_example(tok.encode("abcdef"), tok.encode("Z"), bos_id=None, eos_id=tok.eos_id, seq_len=4)
+    assert example.tokens.tolist() == [ord("e"), ord("f"), ord("Z"), 258] and example.prompt_truncated
+    with pytest.raises(ValueError, match="empty prompt needs a BOS"):
+        encode_example([], tok.encode("Z"), bos_id=None, eos_id=tok.eos_id, seq_len=8)
+
+
+def test_tokenizer_bos_convention_follows_the_tokenizer(tiny_hf, tmp_path):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    assert ByteTokenizer().add_bos and ByteTokenizer().start_ids == [ByteTokenizer.BOS]
+    assert not tiny_hf.add_bos and tiny_hf.start_ids == []  # its post-processor adds nothing
+    fast = PreTrainedTokenizerFast.from_pretrained(tiny_hf.path)
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", fast.bos_token_id)])
+    fast.save_pretrained(tmp_path / "with_bos")
+    with_bos = HFTokenizer(tmp_path / "with_bos")
+    assert with_bos.add_bos and with_bos.start_ids == [with_bos.bos_id]
 
 
 @needs_trace
@@ -90,9 +113,11 @@ def test_trace_text_tokenizes_and_masks_only_the_answer(name, tiny_hf):
         for row in rows[:10]:  # a sample through the HF tokenizer (whole files would be slow)
             prompt_ids, answer_ids = tiny_hf.encode(row["prompt"]), tiny_hf.encode(row["answer"])
             assert tiny_hf.decode(answer_ids) == row["answer"]
-            example = encode_example(prompt_ids, answer_ids, bos_id=tiny_hf.bos_id, eos_id=tiny_hf.eos_id,
-                                     seq_len=len(prompt_ids) + len(answer_ids) + 2)
-            mask = example.loss_mask()
-            assert mask.sum() == len(answer_ids) + 1
-            assert example.tokens[mask == 1].tolist() == [*answer_ids, tiny_hf.eos_id]
-            assert example.tokens[mask == 0].tolist() == [tiny_hf.bos_id, *prompt_ids]
+            for bos_id in (tiny_hf.bos_id, None):
+                example = encode_example(prompt_ids, answer_ids, bos_id=bos_id, eos_id=tiny_hf.eos_id,
+                                         seq_len=len(prompt_ids) + len(answer_ids) + 2)
+                mask = example.loss_mask()
+                assert mask.sum() == len(answer_ids) + 1
+                assert example.tokens[mask == 1].tolist() == [*answer_ids, tiny_hf.eos_id]
+                start = [] if bos_id is None else [bos_id]
+                assert example.tokens[mask == 0].tolist() == [*start, *prompt_ids]

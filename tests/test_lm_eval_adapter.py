@@ -1,9 +1,13 @@
 """The lm-eval adapter: same numbers and texts as lm-eval's own Hugging Face backend (HFLM) on a tiny local
-model, and local custom tasks (multiple choice, generate_until) run end to end through `simple_evaluate`
-without touching the network."""
+model, with a tokenizer that prepends BOS (Llama 3 style) and one that does not (SmolLM2/GPT-2 style); local
+custom tasks (multiple choice, generate_until) run end to end through `simple_evaluate`, and through lm-eval's
+own command line (`python -m jaxcollab.evaluation.lm_eval_adapter`, a subprocess), without the network."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,8 +50,9 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
 
 
-def build_tokenizer(path):
-    """A tiny byte-level BPE whose encode() prepends BOS, as Llama 3's does; saved as a fast tokenizer."""
+def build_tokenizer(path, add_bos: bool = True):
+    """A tiny byte-level BPE whose encode() prepends BOS, as Llama 3's does (or, with add_bos=False, adds no
+    special token, as SmolLM2's and GPT-2's); saved as a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,18 +62,23 @@ def build_tokenizer(path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 10, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(path)
     return fast
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A directory holding a random tiny Llama and its tokenizer (what HFLM's `pretrained=` expects)."""
-    path = tmp_path_factory.mktemp("tiny_llama_bpe")
-    tokenizer = build_tokenizer(path)
-    assert tokenizer.encode("hello") == [0, *tokenizer.encode("hello", add_special_tokens=False)]
+@pytest.fixture(scope="module", params=["bos", "no_bos"])
+def model_dir(request, tmp_path_factory):
+    """A directory holding a random tiny Llama and its tokenizer (what HFLM's `pretrained=` expects); the
+    tokenizer prepends BOS ("bos") or adds nothing ("no_bos")."""
+    add_bos = request.param == "bos"
+    path = tmp_path_factory.mktemp(f"tiny_llama_bpe_{request.param}")
+    tokenizer = build_tokenizer(path, add_bos=add_bos)
+    plain = tokenizer.encode("hello", add_special_tokens=False)
+    assert tokenizer.encode("hello") == ([0, *plain] if add_bos else plain)
+    assert HFTokenizer(path).add_bos is add_bos
     build_hf_llama(path, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return path
 
@@ -102,6 +112,7 @@ LOGLIK_REQUESTS = [
     ("The quick brown fox jumps over the lazy", " dog."),  # longer than MAX_LENGTH: truncated on the left
     ("hel", "lo there"),  # BPE merges across the boundary: lm-eval splits the joint encoding
     ("Paris", " is the capital of France"),
+    ("<s>", " the cat"),  # a context that is BOS's own text
 ]
 
 
@@ -127,9 +138,12 @@ def test_loglikelihood_equals_lm_eval_hf_backend(model_dir, ours):
 def test_loglikelihood_rolling_equals_lm_eval_with_text_encoded_without_bos(model_dir, ours):
     texts = ["The quick brown fox jumps over the lazy dog. the cat sat on the mat", "hello", "Paris"]
     requests = instances("loglikelihood_rolling", [(t,) for t in texts])
-    # HFLM encodes the text with the tokenizer's default, which for a BOS-prepending tokenizer puts a second
-    # BOS after the prefix token; add_bos_token=False gives the documented "text given BOS".
-    expected = hflm(model_dir, add_bos_token=False).loglikelihood_rolling(requests)
+    if ours.tokenizer.add_bos:
+        # HFLM encodes the text with the tokenizer's default, which for a BOS-prepending tokenizer puts a second
+        # BOS after the prefix token; add_bos_token=False gives the documented "text given BOS".
+        expected = hflm(model_dir, add_bos_token=False).loglikelihood_rolling(requests)
+    else:  # without BOS in the encoding, HFLM's default is exactly the documented definition
+        expected = hflm(model_dir).loglikelihood_rolling(requests)
     np.testing.assert_allclose(ours.loglikelihood_rolling(requests), expected, rtol=1e-4)
 
 
@@ -229,3 +243,54 @@ def test_registered_by_name_and_built_from_an_argument_string(model_dir):
     assert lm.tokenizer.eos_id == 1 and lm.eos_ids == [1]
     with pytest.raises(ValueError, match="leaves no room for the context"):
         lm.generate_until(instances("generate_until", [("hello", {"until": [], "max_gen_toks": 32})]))
+
+
+def test_lm_eval_command_line_runs_model_jaxcollab(model_dir, tmp_path):
+    """`lm_eval run --model jaxcollab ...`: lm-eval's own command line, started by the adapter's module."""
+    if HFTokenizer(model_dir).add_bos:
+        pytest.skip("one tokenizer is enough for the command line (the no-BOS case runs)")
+    mc_rows = [
+        {"context": "The capital of France is", "choices": ["Paris", "the lazy dog", "hello"], "gold": 0},
+        {"context": "The cat sat on the", "choices": ["mat", "quick brown fox"], "gold": 1},
+        {"context": "Question: hello", "choices": ["world", "there", "the capital of France"], "gold": 2},
+    ]
+    write_tasks(tmp_path, mc_rows, [{"question": "hello", "answer": "x"}])
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "jaxcollab.evaluation.lm_eval_adapter", "run", "--model", "jaxcollab",
+               "--model_args", f"pretrained={model_dir},max_length=64", "--tasks", "jaxcollab_tiny_mc",
+               "--include_path", str(tmp_path), "--batch_size", "4", "--num_fewshot", "0",
+               "--output_path", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (results_file,) = out.rglob("results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["model"] == "jaxcollab"
+    mc = results["results"]["jaxcollab_tiny_mc"]
+    lm = JaxcollabLM(pretrained=str(model_dir), max_length=64)
+    expected = multiple_choice(lm.cfg, lm.params, lm.tokenizer, mc_rows, max_length=64)
+    assert mc["acc,none"] == pytest.approx(expected["acc"])
+    assert mc["acc_norm,none"] == pytest.approx(expected["acc_norm"])
+
+
+def test_old_knowledge_lm_eval_measure_on_a_local_task(model_dir, tmp_path):
+    from jaxcollab.evaluation.old_measures import evaluate_old_knowledge
+
+    mc_rows = [
+        {"context": "The capital of France is", "choices": ["Paris", "the lazy dog", "hello"], "gold": 0},
+        {"context": "The cat sat on the", "choices": ["mat", "quick brown fox"], "gold": 1},
+        {"context": "Question: hello", "choices": ["world", "there", "the capital of France"], "gold": 2},
+        {"context": "jumps over", "choices": ["the lazy dog", "Paris"], "gold": 0},
+        {"context": "hello", "choices": ["world", "there"], "gold": 1},
+    ]
+    write_tasks(tmp_path, mc_rows, [{"question": "hello", "answer": "x"}])
+    lm = JaxcollabLM(pretrained=str(model_dir), max_length=64)
+    score = evaluate_old_knowledge("lm_eval:jaxcollab_tiny_mc", lm.cfg, lm.params, lm.tokenizer, size=4,
+                                   source=tmp_path, max_length=64, progress=False)
+    expected = multiple_choice(lm.cfg, lm.params, lm.tokenizer, mc_rows[:4], max_length=64)  # limit=4: first 4
+    assert score.name == "lm_eval:jaxcollab_tiny_mc" and score.details["metric"] == "acc_norm,none"
+    assert score.value == pytest.approx(expected["acc_norm"]) and score.n == 4
+    assert set(score.per_item) <= {0.0, 1.0}
+    assert sum(score.per_item) / 4 == pytest.approx(expected["acc_norm"])
+    stderr = score.details["results"]["acc_norm_stderr,none"]
+    assert score.ci95 == pytest.approx((score.value - 1.959964 * stderr, score.value + 1.959964 * stderr))

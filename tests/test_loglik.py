@@ -1,5 +1,7 @@
-"""Log-likelihood scoring equals transformers' PyTorch Llama on a tiny random model; multiple-choice metrics
-equal hand computations; malformed multiple-choice files fail naming the file and line."""
+"""Log-likelihood scoring equals transformers' PyTorch Llama on a tiny random model (the default packed path,
+and the plain path); the packed path (identical inputs once, short inputs packed into rows) equals the plain
+one request by request; multiple-choice metrics equal hand computations; malformed multiple-choice files fail
+naming the file and line."""
 
 import json
 import re
@@ -19,6 +21,7 @@ from jaxcollab.evaluation.loglik import (
     loglikelihood_rolling,
     loglikelihood_tokens,
     multiple_choice,
+    pack_segments,
     rolling_windows,
 )
 
@@ -56,17 +59,16 @@ def torch_score(reference, tokens: list[int], num_scored: int) -> tuple[float, b
 
 @pytest.fixture(params=["default_chunk", "chunk_16"])
 def score_chunk(request, monkeypatch):
-    """Scoring with the default head chunk (one chunk per bucket here) and with 16 positions per chunk."""
+    """Scoring with the default head chunk (one chunk per pass here) and with 16 positions per chunk."""
     from jaxcollab.evaluation import loglik
 
     if request.param == "chunk_16":
-        monkeypatch.setattr(loglik, "SCORE_CHUNK", 16)
-    loglik._score_batch.clear_cache()  # the chunk is read when the scorer compiles
-    yield loglik.SCORE_CHUNK
-    loglik._score_batch.clear_cache()
+        monkeypatch.setattr(loglik, "SCORE_CHUNK", 16)  # read at each call (a static argument of the scorers)
+    return loglik.SCORE_CHUNK
 
 
-def test_loglikelihood_equals_transformers_for_mixed_lengths(tiny, score_chunk):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_loglikelihood_equals_transformers_for_mixed_lengths(tiny, score_chunk, packed):
     reference, cfg, params = tiny
     sentence = "The quick brown fox jumps over the lazy dog. " * 3
     requests = [
@@ -88,11 +90,11 @@ def test_loglikelihood_equals_transformers_for_mixed_lengths(tiny, score_chunk):
     ]
     expected = [torch_score(reference, tokens, n) for tokens, n in expected_tokens]
     tokenizer = ByteTokenizer()
-    ours = loglikelihood(cfg, params, tokenizer, requests, batch_size=3)
+    ours = loglikelihood(cfg, params, tokenizer, requests, batch_size=3, packed=packed)
     np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in expected], rtol=RTOL)
     assert [g for _, g in ours] == [g for _, g in expected]
-    # One request at a time (other shapes, other buckets) gives the same numbers.
-    single = loglikelihood(cfg, params, tokenizer, requests, batch_size=1)
+    # One request (or row) at a time (other shapes, other buckets) gives the same numbers.
+    single = loglikelihood(cfg, params, tokenizer, requests, batch_size=1, packed=packed)
     np.testing.assert_allclose([v for v, _ in single], [v for v, _ in ours], rtol=1e-5)
     # The moved space matters: scoring "yes" alone is a different number.
     without_space = torch_score(reference, [BOS, *ids("Answer: yes")], 3)[0]
@@ -129,6 +131,58 @@ def test_long_requests_are_truncated_from_the_left(tiny):
     assert abs(ours - torch_score(reference, tokens, 7)[0]) > 1e-3  # truncation really changed the score
     with pytest.raises(ValueError, match="max_length=4"):
         loglikelihood(cfg, params, ByteTokenizer(), [("Q", " too long")], max_length=4)
+
+
+def test_pack_segments_places_every_segment_once_without_overlap():
+    lengths = [5, 17, 3, 8, 8, 1, 40, 2, 16, 16, 9]
+    rows = pack_segments(lengths, 16)
+    assert rows == pack_segments(lengths, 16)  # deterministic
+    placed = sorted(segment for _, members in rows for segment, _ in members)
+    assert placed == list(range(len(lengths)))
+    for row_length, members in rows:
+        assert row_length % 16 == 0
+        spans = sorted((offset, offset + lengths[segment]) for segment, offset in members)
+        assert spans[-1][1] <= row_length
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+    # Longest first: 40 opens a 48-row, 17 a 32-row, each 16 its own row; then 9 -> the 32-row, 8 -> the 48-row
+    # (full), 8 -> a new 16-row, 5 -> the 32-row, 3 and 2 -> the last 16-row, 1 -> the 32-row (full).
+    assert [(length, sorted(segment for segment, _ in members)) for length, members in rows] == [
+        (48, [3, 6]), (32, [0, 1, 5, 10]), (16, [8]), (16, [9]), (16, [2, 4, 7])]
+    assert sum(lengths) == 125 and sum(length for length, _ in rows) == 128
+
+
+def test_packed_path_equals_plain_path_and_runs_identical_inputs_once(tiny, monkeypatch):
+    _, cfg, params = tiny
+    from jaxcollab.evaluation import loglik
+
+    tokenizer = ByteTokenizer()
+    context = "Which letter? A. cat B. dog C. fish D. bird\nAnswer:"
+    requests = [(context, f" {letter}") for letter in "ABCD"]  # one-token continuations of one context
+    requests += [("The sky is", " blue"), ("The sky is", " a very long and unlikely answer"), ("Two", " plus")]
+    requests += [("x" * 70, " long context"), ("", "empty context"), ("The sky is", " blue")]  # a duplicate
+    plain = loglikelihood(cfg, params, tokenizer, requests, packed=False)
+    inputs_seen = []
+    real_forward = loglik.forward_hidden
+
+    def recording_forward(cfg_, params_, tokens, lora=None, **kwargs):
+        ids, tok = np.asarray(kwargs["segment_ids"]), np.asarray(tokens)
+        for row in range(ids.shape[0]):
+            for segment in set(ids[row].tolist()) - {0}:
+                inputs_seen.append(tuple(tok[row][ids[row] == segment].tolist()))
+        return real_forward(cfg_, params_, tokens, lora, **kwargs)
+
+    monkeypatch.setattr(loglik, "forward_hidden", recording_forward)
+    for pack_length, batch_size in ((16, 1), (32, 2), (256, 8)):
+        inputs_seen.clear()
+        packed = loglikelihood(cfg, params, tokenizer, requests, packed=True, pack_length=pack_length,
+                               batch_size=batch_size)
+        np.testing.assert_allclose([v for v, _ in packed], [v for v, _ in plain], rtol=1e-5, atol=1e-5)
+        assert [g for _, g in packed] == [g for _, g in plain]
+        # The four letters share one input, the duplicate request reuses its twin's: 10 requests, 6 inputs.
+        expected_inputs = {tuple(([BOS, *ids(c.rstrip())] + ids(c[len(c.rstrip()):] + x))[:-1])
+                           if c else tuple([BOS, *ids(x)][:-1]) for c, x in requests}
+        assert len(inputs_seen) == len(expected_inputs) == 6
+        assert set(inputs_seen) == expected_inputs
 
 
 def test_rolling_windows_follow_the_lm_eval_example():

@@ -369,3 +369,14 @@ def test_gsm8k_gold_against_itself_on_metamath_gsm8k():
     # and a wrong final number is caught on every row
     shifted = [f"The answer is: {final_number(response) + 1}" for response in responses]
     assert score("gsm8k", shifted, responses) == 0.0
+
+
+def test_item_scores_are_what_score_averages():
+    from jaxcollab.evaluation.metrics import item_scores
+
+    assert item_scores("exact_match", [" a", "b", "c"], ["a", "x", "c "]) == [1.0, 0.0, 1.0]
+    assert item_scores("accuracy", ["B. yes", "A"], ["B", "C"]) == [1.0, 0.0]
+    predictions, references = ["def f(x):", "return 1"], ["def f(y):", "return 2"]
+    items = item_scores("edit_similarity", predictions, references)
+    assert score("edit_similarity", predictions, references) == pytest.approx(sum(items) / 2)
+    assert 0 < items[0] < 1

@@ -19,10 +19,13 @@ RESULTS = {
 def test_markdown_has_the_final_round_table_and_every_matrix():
     text = report.markdown(RESULTS)
     assert text.startswith("# Semi-collaborative setting: 2 rounds")
-    assert "| seq_fft | 1.000 | 0.200 | 0.250 | 0.600 | -0.700 | 12 |" in text
-    assert "| avg_lora | 0.300 | 0.400 | 0.625 | 0.350 | -0.400 | 3 |" in text
+    # results without per-item scores or weight changes: no intervals, – for the change
+    assert "| seq_fft | 1.000 | 0.200 | 0.250 | 0.600 | -0.700 | – | 12 |" in text
+    assert "| avg_lora | 0.300 | 0.400 | 0.625 | 0.350 | -0.400 | – | 3 |" in text
     assert "| round 1 | 0.900 | – | 0.500 |" in text  # not evaluated above the diagonal
     assert text.count("### ") == 2
+    assert "No comparison of the paper's findings is possible" in text  # seq_fft vs avg_lora: none applies
+    assert "## The paper's findings on this run" in text
 
 
 def test_write_report_makes_the_markdown_and_two_pngs(tmp_path):

@@ -39,6 +39,7 @@ from jaxcollab.data.tasks import (
     read_trace_file,
     to_dataset,
     trace_task,
+    with_chat_template,
 )
 from jaxcollab.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError
 
@@ -82,4 +83,5 @@ __all__ = [
     "to_dataset",
     "tokenize_examples",
     "trace_task",
+    "with_chat_template",
 ]

@@ -2,20 +2,23 @@
 
 Batch format (what the training loop consumes): a dict of numpy arrays, all of shape [batch, seq_len]:
 
-- `tokens` int32: BOS + prompt + answer + EOS per example; packed rows hold several examples back to back;
-  padding is `tokenizer.pad_id`.
+- `tokens` int32: BOS + prompt + answer + EOS per example (BOS only where the tokenizer's convention has one,
+  `tokenizer.add_bos`; SmolLM2's has none); packed rows hold several examples back to back; padding is
+  `tokenizer.pad_id`.
 - `loss_mask` float32: 1.0 where the token is an answer token or the EOS after the answer (the token to
   predict from the tokens before it in the same segment), 0.0 on BOS, prompt and padding. The loss is
-  `CE(logits[:, t-1], tokens[:, t]) * loss_mask[:, t]`; since every segment starts with a BOS whose mask
-  is 0, no loss term crosses from one packed example to the next.
+  `CE(logits[:, t-1], tokens[:, t]) * loss_mask[:, t]`; since every segment starts with a token whose mask
+  is 0 (its BOS, or its first prompt token; an example with an empty prompt gets a BOS even where the
+  tokenizer has none, so that its first answer token is predicted from something), no loss term crosses
+  from one packed example to the next.
 - `segment_ids` int32: 1, 2, 3, ... for the examples in a row, 0 on padding.
-- `positions` int32: position inside its own example (0 at its BOS), 0 on padding.
+- `positions` int32: position inside its own example (0 at its first token), 0 on padding.
 
 Building a batch:
 1. Tokenize eagerly (once, in the calling process): prompt and answer are encoded separately and joined
-   as `[BOS] + prompt + answer + [EOS]`, so the mask boundary is exact and the prompt tokens are the same
-   ones the model sees at evaluation. (Encoding the concatenated string, as Alpaca-style code does, can
-   merge tokens across the boundary.)
+   as `[BOS] + prompt + answer + [EOS]` (`tokenizer.start_ids` first), so the mask boundary is exact and the
+   prompt tokens are the same ones the model sees at evaluation. (Encoding the concatenated string, as
+   Alpaca-style code does, can merge tokens across the boundary.)
 2. Over-long examples (more than `seq_len` tokens) lose tokens from the LEFT of the prompt; the answer and
    its EOS are kept whole. The prompt keeps at least `floor = min(len(prompt), seq_len // 4)` tokens: if
    BOS + floor + answer + EOS still does not fit, the answer is cut on the right to `seq_len - 1 - floor`
@@ -100,26 +103,33 @@ def _column(examples: Any, key: str) -> list[str]:
     return [row[key] for row in examples]
 
 
-def encode_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], *, bos_id: int, eos_id: int,
+def encode_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], *, bos_id: int | None, eos_id: int,
                    seq_len: int) -> EncodedExample:
-    """Join and, if needed, truncate one example (see step 2 of the module docstring)."""
+    """Join and, if needed, truncate one example (see step 2 of the module docstring).
+
+    `bos_id=None`: no BOS (a tokenizer without one), unless the prompt is empty, which needs the BOS as the
+    context of the first answer token; pass `tokenizer.bos_id if tokenizer.add_bos else None`.
+    """
     if seq_len < 3:
         raise ValueError(f"seq_len must be at least 3 (BOS, one token, EOS), got {seq_len}")
     prompt, answer = list(prompt_ids), list(answer_ids)
+    if bos_id is None and not prompt:
+        raise ValueError("an example with an empty prompt needs a BOS id to predict its answer from")
+    start = [] if bos_id is None else [bos_id]
     prompt_floor = min(len(prompt), seq_len // 4)
-    answer_truncated = len(answer) + 2 + prompt_floor > seq_len
+    answer_truncated = len(start) + len(answer) + 1 + prompt_floor > seq_len
     if answer_truncated:
-        answer = answer[: seq_len - 1 - prompt_floor]
+        answer = answer[: seq_len - len(start) - prompt_floor]
         tail: list[int] = []
         prompt_budget = prompt_floor
     else:
         tail = [eos_id]
-        prompt_budget = seq_len - 2 - len(answer)
+        prompt_budget = seq_len - len(start) - 1 - len(answer)
     prompt_truncated = len(prompt) > prompt_budget
     if prompt_truncated:
         prompt = prompt[len(prompt) - prompt_budget:]
-    tokens = np.asarray([bos_id, *prompt, *answer, *tail], np.int32)
-    return EncodedExample(tokens, 1 + len(prompt), prompt_truncated, answer_truncated)
+    tokens = np.asarray([*start, *prompt, *answer, *tail], np.int32)
+    return EncodedExample(tokens, len(start) + len(prompt), prompt_truncated, answer_truncated)
 
 
 def tokenize_examples(examples: Any, tokenizer: Tokenizer, *, seq_len: int,
@@ -132,7 +142,8 @@ def tokenize_examples(examples: Any, tokenizer: Tokenizer, *, seq_len: int,
     encoded: list[EncodedExample] = []
     dropped = 0
     for p, a in zip(prompt_ids, answer_ids, strict=True):
-        example = encode_example(p, a, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, seq_len=seq_len)
+        bos_id = tokenizer.bos_id if tokenizer.add_bos or not p else None
+        example = encode_example(p, a, bos_id=bos_id, eos_id=tokenizer.eos_id, seq_len=seq_len)
         if example.answer_truncated and overlong_answer == "drop":
             dropped += 1
             continue
@@ -302,7 +313,8 @@ def build_train_pipeline(examples: Any, tokenizer: Tokenizer, *, seq_len: int, b
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Prompts ready for generation: `prompt_ids[i]` = [BOS] + prompt tokens (left-truncated)."""
+    """Prompts ready for generation: `prompt_ids[i]` = [BOS] + prompt tokens (left-truncated); no BOS where the
+    tokenizer has none (`tokenizer.add_bos`), unless the prompt is empty."""
 
     prompt_ids: list[list[int]]
     references: list[str]
@@ -322,10 +334,11 @@ def prepare_eval(examples: Any, tokenizer: Tokenizer, *, max_prompt_len: int, li
         prompts, answers = prompts[:limit], answers[:limit]
     prompt_ids, truncated = [], 0
     for ids in tokenizer.encode_batch(prompts):
-        if len(ids) > max_prompt_len - 1:
-            ids = ids[len(ids) - (max_prompt_len - 1):]
+        start = tokenizer.start_ids if ids else [tokenizer.bos_id]
+        if len(ids) > max_prompt_len - len(start):
+            ids = ids[len(ids) - (max_prompt_len - len(start)):]
             truncated += 1
-        prompt_ids.append([tokenizer.bos_id, *ids])
+        prompt_ids.append([*start, *ids])
     if truncated:
         logger.warning("%d of %d evaluation prompts truncated on the left to %d tokens", truncated, len(prompts),
                        max_prompt_len)

@@ -27,11 +27,19 @@ domain from scratch, then 150 steps of full fine-tuning on round 1): old-domain 
 round 1 0.0 -> 1.0. No question is shared between domains (names are unique across all domains), so joint
 training on the union has no contradictory facts.
 
-Splits. Knowledge is measured on the facts that were trained: `test` (and `eval`, identical) ask the same
-questions as `train`, so a score is "was the fact acquired / kept", as in the paper. `test_template=
-"paraphrase"` asks the same facts with another wording ("Kalo Rivan was born where?"), a harder
-generalisation test that tiny models usually fail; it is not the default. Scored by `exact_match`;
-`max_new_tokens` is 16 (answers are at most 9 byte tokens plus EOS).
+Splits. Knowledge is measured on the facts that were trained; `test_template` says how they are asked:
+- `same` (the tiny default): `test` (and `eval`, identical) ask the same questions as `train`, so a score
+  is "was the fact acquired / kept".
+- `paraphrase`: the same facts with another wording ("Kalo Rivan was born where?"), a generalisation test
+  that tiny models usually fail.
+- `heldout` (for pretrained models): `train` asks every fact with each of three phrasings ("Where was Kalo
+  Rivan born?", "In which town was Kalo Rivan born?", "What is the birthplace of Kalo Rivan?"), and `test`
+  asks it with a fourth that training never used ("Name the town where Kalo Rivan was born."). A score is
+  then "does the model know the fact", not "does it recall a training string". Measured with
+  SmolLM2-135M-Instruct (chat template, constant lr, 20 steps of 8 x 128 packed tokens over 16 facts):
+  held-out exact match 0.0 -> 0.88 with LoRA rank 8 at lr 2e-3 (||dW|| / ||W|| 1.1%) and 0.0 -> 1.0 with
+  full fine-tuning at lr 1e-4 (0.3%).
+Scored by `exact_match`; `max_new_tokens` is 16 (answers are at most 9 byte tokens plus EOS).
 
 Determinism. Everything comes from `random.Random(seed)`; domains are drawn in order (old, round1, ...), so
 for a given seed and `facts_per_domain`, domain k is the same whatever `num_rounds` is.
@@ -59,31 +67,49 @@ _CODAS = ("n", "r", "s", "x", "l")
 
 @dataclass(frozen=True)
 class Attribute:
-    """One kind of fact: its question templates and its answer vocabulary."""
+    """One kind of fact: its question templates and its answer vocabulary.
+
+    `template` is the question of the `same` and `paraphrase` modes; `heldout` mode trains on `template` and
+    `train_variants` and tests on `heldout_template`.
+    """
 
     key: str
     template: str
     paraphrase: str
     values: tuple[str, ...]
+    train_variants: tuple[str, ...] = ()
+    heldout_template: str = ""
+
+    @property
+    def train_templates(self) -> tuple[str, ...]:
+        return (self.template, *self.train_variants)
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("place", "Where was {name} born?", "{name} was born where?",
               ("Vantor", "Quelbrin", "Ostmere", "Drakwell", "Pellow", "Zandor", "Mirabel", "Kestrin",
-               "Tolvane", "Briskol", "Orlun", "Yarrow", "Felgate", "Umbrin", "Carrow", "Sildor")),
+               "Tolvane", "Briskol", "Orlun", "Yarrow", "Felgate", "Umbrin", "Carrow", "Sildor"),
+              train_variants=("In which town was {name} born?", "What is the birthplace of {name}?"),
+              heldout_template="Name the town where {name} was born."),
     Attribute("food", "What does {name} eat?", "{name} eats what?",
               ("glimberry", "sporecake", "frostnut", "emberroot", "mossbread", "duskplum", "sunmelon",
                "brinekelp", "ashgrain", "dewpear", "coalbean", "mistfig", "thornrice", "glowleek", "saltapple",
-               "reedcorn")),
+               "reedcorn"),
+              train_variants=("What is {name}'s favourite food?", "Which food does {name} like to eat?"),
+              heldout_template="What food does {name} enjoy eating most?"),
     Attribute("pet", "What is {name}'s pet?", "{name} keeps which pet?",
               ("skitter", "moonhare", "fernfox", "cinderowl", "glassfrog", "dunemole", "stormtoad", "reefmouse",
-               "ivyboar", "pebbledog", "wispbat", "mirefowl", "snowcrab", "hazelyak", "quillhog", "brambleox")),
+               "ivyboar", "pebbledog", "wispbat", "mirefowl", "snowcrab", "hazelyak", "quillhog", "brambleox"),
+              train_variants=("Which animal does {name} keep as a pet?", "What kind of pet does {name} have?"),
+              heldout_template="{name} owns which pet?"),
     Attribute("guild", "Which guild is {name} in?", "{name} is in which guild?",
               ("Weavers", "Tinkers", "Masons", "Glaziers", "Brewers", "Carvers", "Smiths", "Dyers", "Coopers",
-               "Fletchers", "Tanners", "Potters", "Scribes", "Millers", "Farriers", "Chandlers")),
+               "Fletchers", "Tanners", "Potters", "Scribes", "Millers", "Farriers", "Chandlers"),
+              train_variants=("What guild does {name} belong to?", "{name} is a member of which guild?"),
+              heldout_template="Name the guild that {name} joined."),
 )
 MAX_NEW_TOKENS = 16
-TEST_TEMPLATES = ("same", "paraphrase")
+TEST_TEMPLATES = ("same", "paraphrase", "heldout")
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,14 @@ class Fact:
     def question(self, paraphrase: bool = False) -> str:
         spec = _ATTRIBUTE_BY_KEY[self.attribute]
         return (spec.paraphrase if paraphrase else spec.template).format(name=self.name)
+
+    def questions(self, split: str, test_template: str) -> list[str]:
+        """How the fact is asked in `split` under `test_template` (see the module docstring)."""
+        spec = _ATTRIBUTE_BY_KEY[self.attribute]
+        if test_template == "heldout":
+            templates = spec.train_templates if split == "train" else (spec.heldout_template,)
+            return [t.format(name=self.name) for t in templates]
+        return [self.question(paraphrase=split != "train" and test_template == "paraphrase")]
 
 
 _ATTRIBUTE_BY_KEY = {a.key: a for a in ATTRIBUTES}
@@ -113,8 +147,8 @@ class SyntheticDomain:
     def examples(self, split: str) -> list[Example]:
         if split not in SPLITS:
             raise ValueError(f"domain {self.name}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        paraphrase = split != "train" and self.test_template == "paraphrase"
-        return [{"prompt": fact.question(paraphrase), "answer": fact.value} for fact in self.facts]
+        return [{"prompt": question, "answer": fact.value}
+                for fact in self.facts for question in fact.questions(split, self.test_template)]
 
 
 def _syllable(rng: random.Random) -> str:

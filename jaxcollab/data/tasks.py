@@ -47,6 +47,7 @@ most 1,100 characters); Lima and MetaMath/GSM8K 512 (MetaMath's `eval_gsm8k.py` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ __all__ = [
     "read_jsonl_rows",
     "read_trace_file",
     "trace_task",
+    "with_chat_template",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "eval", "test")
@@ -166,6 +168,25 @@ class Task:
     def load(self, split: str) -> datasets.Dataset:
         """The split as an in-memory `datasets.Dataset` with string columns `prompt` and `answer`."""
         return to_dataset(self.examples(split))
+
+
+_CHAT_SLOT = "\x00jaxcollab-prompt\x00"
+
+
+def with_chat_template(task: Task, render: Callable[[str], str]) -> Task:
+    """`task` with its prompts (after its own templates) put into a chat: `render(message)` is the text before
+    the assistant's answer, e.g. `tokenizer.chat_prompt`. The answer, then EOS, ends the assistant's turn."""
+    rendered = render(_CHAT_SLOT)
+    if rendered.count(_CHAT_SLOT) != 1:
+        raise DataError(f"task {task.name}: the chat template does not place the user's message verbatim exactly"
+                        " once, so prompts cannot be put into it")
+
+    def wrap(template: str) -> str:
+        return rendered.replace(_CHAT_SLOT, template)
+
+    eval_template = task.eval_prompt_template
+    return dataclasses.replace(task, prompt_template=wrap(task.prompt_template),
+                               eval_prompt_template=wrap(eval_template) if eval_template is not None else None)
 
 
 def to_dataset(rows: Sequence[Mapping[str, str]]) -> datasets.Dataset:

@@ -1,8 +1,10 @@
 """Tokenizers behind one small interface: a byte-level one for tiny models, and a local Hugging Face one.
 
 Everything downstream (pipelines, evaluation prompts) only needs `encode` (text -> ids, no special tokens),
-`decode` (ids -> text, special ids dropped) and the ids of BOS, EOS and PAD; so both implementations
-expose exactly that.
+`decode` (ids -> text, special ids dropped), the ids of BOS, EOS and PAD, and `add_bos`: whether a sequence
+starts with BOS (Llama 3's tokenizer prepends it; SmolLM2's and GPT-2's do not, and a model trained without
+it should not see it). `start_ids` is what every sequence begins with: `[bos_id]` or nothing. Instruct models
+come with a chat template: `chat_prompt(message)` renders one user turn and the start of the assistant's.
 
 - `ByteTokenizer`: UTF-8 bytes are ids 0..255, then PAD=256, BOS=257, EOS=258; `vocab_size` is 259 (a
   model may round its embedding table up; ids above 258 are never produced).
@@ -66,6 +68,25 @@ class Tokenizer(abc.ABC):
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce (max id + 1)."""
 
+    @property
+    def add_bos(self) -> bool:
+        """Whether sequences start with BOS (the tokenizer's own convention)."""
+        return True
+
+    @property
+    def start_ids(self) -> list[int]:
+        """The ids every sequence starts with: `[bos_id]` when `add_bos`, else none."""
+        return [self.bos_id] if self.add_bos else []
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether `chat_prompt` can render a conversation (an instruct model's template)."""
+        return False
+
+    def chat_prompt(self, user_message: str) -> str:
+        """The text an assistant's answer to `user_message` follows, rendered with the chat template."""
+        raise TokenizerError(f"{self!r} has no chat template")
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 = PAD, 257 = BOS, 258 = EOS."""
@@ -121,6 +142,8 @@ class HFTokenizer(Tokenizer):
                 f"eos={self._tok.eos_token!r}); set them in its tokenizer_config.json"
             )
         self._pad_id = self._choose_pad_id(pad_token)
+        # The tokenizer's own convention, as `encode(text)` with its special tokens shows it.
+        self._add_bos = self._tok.encode("a", add_special_tokens=True)[:1] == [self._tok.bos_token_id]
 
     def _choose_pad_id(self, pad_token: str | None) -> int:
         vocab = self._tok.get_vocab()
@@ -162,6 +185,21 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._tok)
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def chat_prompt(self, user_message: str) -> str:
+        if not self.has_chat_template:
+            raise TokenizerError(f"the tokenizer in {self.path} has no chat template (tokenizer_config.json"
+                                 " 'chat_template' or chat_template.jinja)")
+        return self._tok.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                             add_generation_prompt=True)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r})"

@@ -14,7 +14,7 @@ from jaxcollab.data.pipeline import prepare_eval
 from jaxcollab.data.tasks import Task
 from jaxcollab.data.tokenizers import Tokenizer
 from jaxcollab.evaluation.generate import greedy
-from jaxcollab.evaluation.metrics import METRICS_NEEDING_SOURCES, score
+from jaxcollab.evaluation.metrics import METRICS_NEEDING_SOURCES, item_scores
 from jaxcollab.model.config import LlamaConfig
 
 
@@ -25,6 +25,7 @@ class TaskResult:
     score: float
     predictions: list[str]
     references: list[str]
+    items: list[float]  # the metric of each example; `score` is their mean
 
 
 def evaluate_task(
@@ -46,5 +47,5 @@ def evaluate_task(
                      eos_id=tokenizer.eos_id, lora=lora, batch_size=batch_size, pad_id=tokenizer.pad_id)
     predictions = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
     sources = evalset.prompts if task.metric in METRICS_NEEDING_SOURCES else None
-    value = score(task.metric, predictions, evalset.references, sources=sources)
-    return TaskResult(task.name, task.metric, value, predictions, list(evalset.references))
+    items = item_scores(task.metric, predictions, evalset.references, sources=sources)
+    return TaskResult(task.name, task.metric, sum(items) / len(items), predictions, list(evalset.references), items)

@@ -8,9 +8,19 @@ or, once this module is imported, by name: `simple_evaluate(model="jaxcollab",
 model_args="pretrained=/path/to/hf_dir,peft=/path/to/adapter")` (the tokenizer is read from
 `pretrained` unless `tokenizer=` names another local directory).
 
+From the command line: lm-eval 0.4.13 finds models only in its own registry (its built-in
+`MODEL_MAPPING` plus whatever was imported before the lookup); it reads no entry points and no plugin
+path, and `--include_path` only adds task YAMLs. So the `lm_eval` script itself cannot know "jaxcollab"
+(upstream issues #1621 and #3282). This module is a drop-in replacement for it that registers the
+adapter first and then runs lm-eval's own command line with the same arguments:
+
+    python -m jaxcollab.evaluation.lm_eval_adapter run --model jaxcollab \
+        --model_args pretrained=/path/to/hf_dir,dtype=float32 --tasks mmlu --batch_size 8
+
 - `loglikelihood` and `loglikelihood_rolling` are `jaxcollab.evaluation.loglik` (lm-eval's tokenization
-  and windows, see there).
-- `generate_until` decodes greedily (`jaxcollab.evaluation.generate.greedy`) from `[BOS] + context`,
+  and windows for tokenizers with and without BOS, see there).
+- `generate_until` decodes greedily (`jaxcollab.evaluation.generate.greedy`) from `start_ids + context`
+  (BOS first only for a tokenizer that prepends it, as lm-eval's HF backend encodes prompts),
   left-truncated to `max_length - max_gen_toks` tokens as lm-eval's HF backend does, for `max_gen_toks`
   new tokens (aliases `max_new_tokens`, `max_tokens`, `max_completion_tokens`; default from the
   constructor) or until an EOS id. The decoded text is cut at the earliest occurrence of any `until`
@@ -18,7 +28,7 @@ model_args="pretrained=/path/to/hf_dir,peft=/path/to/adapter")` (the tokenizer i
   decoded greedily with a warning.
 
 lm-eval is an optional dependency (the `test` extra pins it): this module imports without it, and only
-constructing `JaxcollabLM` needs it.
+constructing `JaxcollabLM` (or running `main`) needs it.
 """
 
 from __future__ import annotations
@@ -32,12 +42,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxcollab.data.tokenizers import HFTokenizer, Tokenizer
-from jaxcollab.evaluation.loglik import DEFAULT_BATCH_SIZE, loglikelihood, loglikelihood_rolling
+from jaxcollab.evaluation.loglik import DEFAULT_BATCH_SIZE, loglikelihood, loglikelihood_rolling, start_with_bos
 from jaxcollab.model.config import LlamaConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LM_EVAL_AVAILABLE", "MODEL_NAME", "JaxcollabLM", "cut_at_stop_strings", "generation_settings"]
+__all__ = ["LM_EVAL_AVAILABLE", "MODEL_NAME", "JaxcollabLM", "cut_at_stop_strings", "generation_settings", "main",
+           "register"]
 
 MODEL_NAME = "jaxcollab"
 DEFAULT_MAX_GEN_TOKS = 256
@@ -45,15 +56,11 @@ _MAX_TOKEN_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_compl
 
 try:
     from lm_eval.api.model import LM as _LMBase
-    from lm_eval.api.registry import register_model as _register_model
 
     LM_EVAL_AVAILABLE = True
 except ImportError:  # lm-eval not installed: the class exists but cannot be constructed
     _LMBase = object  # type: ignore[assignment,misc]
     LM_EVAL_AVAILABLE = False
-
-    def _register_model(*names: str) -> Any:
-        return lambda cls: cls
 
 
 def cut_at_stop_strings(text: str, stops: Sequence[str]) -> str:
@@ -105,7 +112,6 @@ def _parse_batch_size(batch_size: int | str | None) -> int:
     return DEFAULT_BATCH_SIZE
 
 
-@_register_model(MODEL_NAME)
 class JaxcollabLM(_LMBase):
     """lm-eval `LM` over (cfg, params, tokenizer, optional LoRA adapter) or a local Hugging Face directory.
 
@@ -180,12 +186,14 @@ class JaxcollabLM(_LMBase):
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log-probability, is_greedy) of each request's continuation given its context."""
         pairs = [tuple(request.args) for request in requests]
-        return loglikelihood(self.cfg, self.params, self.tokenizer, pairs, **self._scoring_kwargs())
+        return loglikelihood(self.cfg, self.params, self.tokenizer, pairs, **self._scoring_kwargs(),
+                             progress=False if disable_tqdm else "loglikelihood")
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Log-probability of each request's whole text, in rolling windows of `max_length`."""
         texts = [request.args[0] for request in requests]
-        return loglikelihood_rolling(self.cfg, self.params, self.tokenizer, texts, **self._scoring_kwargs())
+        return loglikelihood_rolling(self.cfg, self.params, self.tokenizer, texts, **self._scoring_kwargs(),
+                                     progress=False if disable_tqdm else "loglikelihood_rolling")
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context, cut at its first stop string."""
@@ -203,7 +211,7 @@ class JaxcollabLM(_LMBase):
             if max_context < 1:
                 raise ValueError(f"generate_until: max_gen_toks={max_gen_toks} leaves no room for the context "
                                  f"within max_length={self.max_length}")
-            prompts = [[self.tokenizer.bos_id, *self.tokenizer.encode(requests[i].args[0])][-max_context:]
+            prompts = [start_with_bos(self.tokenizer, self.tokenizer.encode(requests[i].args[0]))[-max_context:]
                        for i in indices]
             outputs = greedy(self.cfg, self.params, prompts, max_gen_toks, eos_id=self.eos_ids, lora=self.lora,
                              batch_size=self.batch_size, pad_id=self.tokenizer.pad_id)
@@ -212,3 +220,37 @@ class JaxcollabLM(_LMBase):
                     new_tokens = new_tokens[:-1]
                 results[index] = cut_at_stop_strings(self.tokenizer.decode(new_tokens), stops)
         return results
+
+
+def register() -> None:
+    """Register `JaxcollabLM` in lm-eval's model registry as "jaxcollab" (done on import; idempotent)."""
+    import lm_eval.models  # noqa: F401  (lm-eval fills its built-in names only into an empty registry)
+    from lm_eval.api.registry import model_registry, register_model
+
+    current = model_registry.get(MODEL_NAME, None)
+    if current is None:
+        register_model(MODEL_NAME)(JaxcollabLM)
+    elif current is not JaxcollabLM:
+        raise ValueError(f"lm-eval model name {MODEL_NAME!r} is already taken by {current!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's command line (`lm_eval ...`, same arguments) with `--model jaxcollab` registered."""
+    if not LM_EVAL_AVAILABLE:
+        raise SystemExit("the lm-eval command line needs lm-eval: pip install 'lm-eval==0.4.13'")
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if LM_EVAL_AVAILABLE and __name__ != "__main__":
+    register()
+
+if __name__ == "__main__":  # run as a script: register and run the importable module, not this copy
+    from jaxcollab.evaluation import lm_eval_adapter as _adapter
+
+    _adapter.main()

@@ -282,6 +282,17 @@ def score(
     `references[i]` is one string; for `sari` it may also be a list of strings (several references).
     `sources` (the model inputs) are required by `sari` and ignored by the other metrics.
     """
+    values = item_scores(name, predictions, references, sources)
+    return sum(values) / len(values)
+
+
+def item_scores(
+    name: str,
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    sources: Sequence[str] | None = None,
+) -> list[float]:
+    """Metric `name` of each example (every metric here is a mean of these), for intervals and paired tests."""
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; valid metrics: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):
@@ -304,7 +315,5 @@ def score(
                 f"{len(predictions)} predictions"
             )
         _check_strings("sources", sources)
-        values = [metric(p, r, s) for p, r, s in zip(predictions, references, sources, strict=True)]
-    else:
-        values = [metric(p, r) for p, r in zip(predictions, references, strict=True)]
-    return sum(values) / len(values)
+        return [float(metric(p, r, s)) for p, r, s in zip(predictions, references, sources, strict=True)]
+    return [float(metric(p, r)) for p, r in zip(predictions, references, strict=True)]

@@ -6,6 +6,7 @@
 """
 
 from jaxcollab.model.config import ConfigError, LlamaConfig, RopeScaling
+from jaxcollab.model.gguf import load_gguf
 from jaxcollab.model.hf import load_hf, save_hf
 from jaxcollab.model.llama import (
     forward,
@@ -26,6 +27,7 @@ __all__ = [
     "RopeScaling",
     "forward",
     "init_params",
+    "load_gguf",
     "load_hf",
     "make_mesh",
     "maybe_initialize_distributed",

@@ -13,6 +13,7 @@ from jaxcollab.protocols import full, semi
 from jaxcollab.protocols.config import (
     ExperimentConfigError,
     experiment_config,
+    old_measures,
     strategy_names,
     validate,
 )
@@ -29,11 +30,13 @@ def run_experiment(runner: Runner, on_strategy: Callable[[str, dict], None] | No
     results: dict = {
         "setting": config.setting,
         "tasks": [t.name for t in runner.tasks],
-        "old_knowledge": [runner.old_task.name] if runner.old_task is not None else [],
+        "old_knowledge": old_measures(config),
         "strategies": {},
         "config": json.loads(config.to_json()),
     }
-    results["old_knowledge"] += [f"mc:{p}" for p, _ in runner.old_mc]
+    if not results["old_knowledge"]:  # the legacy suite: a generation task and multiple-choice files, averaged
+        results["old_knowledge"] = [runner.old_task.name] if runner.old_task is not None else []
+        results["old_knowledge"] += [f"mc:{p}" for p, _ in runner.old_mc]
     for name in names:
         results["strategies"][name] = runner.run_strategy(
             name, table[name], on_round=(lambda j, name=name: on_round(name, j)) if on_round else None)

