@@ -124,3 +124,26 @@ def smollm2_transformers(smollm2_gguf: Path, tmp_path_factory) -> tuple[Path, An
     (out / "config.json").write_text(__import__("json").dumps(config, indent=2))
     tokenizer.save_pretrained(out)
     return out, model, tokenizer
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Hub and datasets in offline mode, and any attempt to open an internet socket fails loudly."""
+    import socket
+
+    import datasets
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access attempted: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)

