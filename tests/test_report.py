@@ -42,3 +42,13 @@ def test_seed_table_reports_each_run_and_the_spread():
     rows = report.seed_table([{**RESULTS, "config": {"seed": 0}}, other], measures=("op",))
     assert rows[0] == "| strategy | OP (seed 0) | OP (seed 1) | OP spread |"
     assert rows[2] == "| seq_fft | 0.600 | 0.500 | 0.100 |"
+
+
+def test_command_line_help_and_bad_files(tmp_path, capsys):
+    assert report.main(["report", "--help"]) == 0 and "usage: python -m jaxcollab.report" in capsys.readouterr().out
+    assert report.main(["report", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json: no such file" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert report.main(["report", "--findings", str(tmp_path / "broken.json")]) == 1
+    assert "broken.json: not JSON" in capsys.readouterr().err
+    assert report.main(["report", "--bogus"]) == 2 and "usage:" in capsys.readouterr().err

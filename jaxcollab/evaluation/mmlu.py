@@ -33,10 +33,11 @@ Formats, exactly as lm-eval 0.4.13 renders them zero-shot:
   "Question: {question.strip()}\\nAnswer:", choices the answer texts, metrics acc and acc_norm;
 where {subject} is the subject with its underscores as spaces (lm-eval's `_generate_configs.py`).
 
-`mmlu_text`. At 135M parameters MMLU accuracy is near chance (SmolLM2-135M-Instruct: about 0.30 cloze,
-0.21 letter): a correct/incorrect bit per question barely moves when a model forgets, so hundreds of
-questions give intervals of +-5 points. `mmlu_text` scores the same kind of material continuously: each
-held-out question rendered as the cloze prompt without the description, followed by its correct answer
+`mmlu_text`. At 135M parameters MMLU accuracy is at chance (SmolLM2-135M-Instruct, Q4_1, 1000 questions:
+0.255 cloze, 0.225 letter): a correct/incorrect bit per question does not move when a model forgets what
+it never knew, and hundreds of questions give intervals of +-3 to 5 points anyway. `mmlu_text` scores the
+same kind of material continuously: each held-out question rendered as the cloze prompt without the
+description, followed by its correct answer
 ("Question: {question.strip()}\\nAnswer: {correct answer}"), and scored with lm-eval's
 `loglikelihood_rolling` (every token predicted once, the first from the prefix token). The measure is the
 mean over documents of log-likelihood per token (nats/token, higher is better). It responds to any change of
@@ -81,6 +82,7 @@ __all__ = [
     "MmluDataWarning",
     "MmluQuestion",
     "MmluTextScores",
+    "answer_margins",
     "cloze_prompt",
     "letter_prompt",
     "load_mmlu",
@@ -395,6 +397,13 @@ def score_mmlu(
     loglikelihoods = multiple_choice_loglikelihoods(cfg, params, tokenizer, rows, lora=lora, batch_size=batch_size,
                                                     max_length=max_length, progress=progress)
     return MmluChoiceScores(fmt, list(questions), loglikelihoods, multiple_choice_hits(rows, loglikelihoods))
+
+
+def answer_margins(scores: MmluChoiceScores) -> list[float]:
+    """Per question, the log-likelihood of the right choice minus that of the best other choice (nats): > 0
+    when the question is answered right (acc), and by how clear a margin."""
+    return [lls[q.answer] - max(ll for i, ll in enumerate(lls) if i != q.answer)
+            for q, lls in zip(scores.questions, scores.loglikelihoods, strict=True)]
 
 
 def score_mmlu_text(

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections import OrderedDict
@@ -39,7 +38,6 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcollab import assets
 from jaxcollab import data as data_lib
 from jaxcollab import lora as lora_lib
 from jaxcollab import model as model_lib
@@ -49,8 +47,9 @@ from jaxcollab.evaluation.drift import relative_change
 from jaxcollab.evaluation.evaluate import evaluate_task
 from jaxcollab.evaluation.knowledge import summarize
 from jaxcollab.evaluation.loglik import load_multiple_choice_jsonl, multiple_choice
-from jaxcollab.evaluation.old_measures import evaluate_old_knowledge
+from jaxcollab.evaluation.old_measures import KnownQuestions, evaluate_old_knowledge, known_questions
 from jaxcollab.evaluation.stats import paired_difference_ci
+from jaxcollab.pretrained import PretrainedSourceError, pretrained_directory
 from jaxcollab.protocols.config import TRACE_EPOCHS, ExperimentConfigError, is_pretrained, old_measures
 
 logger = logging.getLogger(__name__)
@@ -119,6 +118,7 @@ class Runner:
         self._params_cache: OrderedDict[str, dict] = OrderedDict()
         self._examples: dict[int, list[dict]] = {}
         self._base: ModelHandle | None = None
+        self._warned: set[str] = set()  # measures whose base score was reported to be at chance
         self.model_cfg = self._model_config()
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise ExperimentConfigError(
@@ -134,41 +134,18 @@ class Runner:
         return model_lib.make_mesh(mesh_cfg, devices)
 
     def _resolve_pretrained(self) -> tuple[Path, dict]:
-        """(Hugging Face directory, identity) of config.model.path: an asset name, an HF directory, a GGUF file
-        (converted once into models/ of the workdir) or a hub id (downloaded)."""
-        spec = str(self.config.model.path).strip()
-        if assets.is_asset(spec):
-            asset = assets.get_asset(spec)
-            source = assets.resolve(spec)
-            return self._converted_gguf(source, asset.sha256), {"asset": spec, "sha256": asset.sha256}
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            return path, {"path": str(path.resolve())}
-        if path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise ExperimentConfigError(f"config.model.path={spec!r} is a file but not a .gguf file; name a GGUF"
-                                            " file, a Hugging Face model directory, an asset or a hub id")
-            digest = _sha256(path)
-            return self._converted_gguf(path, digest), {"gguf": str(path.resolve()), "sha256": digest}
-        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
-            return assets.hub_snapshot(spec), {"hub": spec}
-        raise ExperimentConfigError(
-            f"config.model.path={spec!r} is neither an asset ({', '.join(a.name for a in assets.list_assets())}),"
-            " an existing directory or .gguf file, nor a hub id (organisation/name)")
-
-    def _converted_gguf(self, source: Path, digest: str) -> Path:
-        """The HF directory converted from GGUF file `source` (sha256 `digest`), made once per workdir."""
-        from jaxcollab.convert import convert_gguf
-
-        out = self.workdir / "models" / f"base-gguf-{digest[:12]}"
-        if not (out / "config.json").is_file() and self.writer:
-            logger.warning("converting %s into %s (once per workdir)", source, out)
-            convert_gguf(source, out, dtype="float32", overwrite=True, progress=bool(self.config.progress))
-        if jax.process_count() > 1:
+        """(Hugging Face directory, identity) of config.model.path (`jaxcollab.pretrained`): a GGUF is converted
+        once into models/ of the workdir, by the first process while the others wait."""
+        try:
+            directory, identity = pretrained_directory(self.config.model.path, self.workdir / "models",
+                                                       convert=self.writer, progress=bool(self.config.progress))
+        except PretrainedSourceError as e:
+            raise ExperimentConfigError(f"config.model.path: {e}") from None
+        if jax.process_count() > 1 and "sha256" in identity:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"convert:{out}")
-        return out
+            multihost_utils.sync_global_devices(f"convert:{directory}")
+        return directory, identity
 
     def _make_tokenizer(self) -> data_lib.Tokenizer:
         name = str(self.config.data.tokenizer or "auto")
@@ -527,19 +504,49 @@ class Runner:
         """One old-knowledge measure of a model (eval.old), cached per model and measure settings: value, ci95,
         n, chance, per_item (one value per question or document, in a fixed order) and details."""
         e = self.config.eval
-        size = int(e.old_text_size if name == "mmlu_text" else e.old_size)
+        size = int({"mmlu_text": e.old_text_size, "mmlu_known": e.old_known_pool}.get(name, e.old_size))
         source = str(e.old_source or "") or None
         cache_key = f"old:{name}:size={size}:seed={e.old_seed}:source={source or 'asset'}"
+        known = None
+        if name == "mmlu_known":
+            cache_key += f":margin={float(e.old_known_margin)}"
+            known = self._known_positions(size, source)
         scores = self._read_scores(handle)
         if cache_key in scores:
             return scores[cache_key]
         result = evaluate_old_knowledge(name, handle.cfg, self.params(handle), self.tokenizer, size=size,
                                         seed=int(e.old_seed), source=source, batch_size=int(e.score_batch_size),
-                                        progress=bool(self.config.progress))
+                                        progress=bool(self.config.progress), known=known,
+                                        known_margin=float(e.old_known_margin))
         record = {"value": result.value, "ci95": list(result.ci95), "n": result.n, "chance": result.chance,
                   "per_item": list(result.per_item), "details": result.details}
         self._write_scores(handle, {**self._read_scores(handle), cache_key: record})
         return record
+
+    def _known_positions(self, pool_size: int, source: str | None) -> tuple[int, ...]:
+        """mmlu_known's questions: those of the pool the base answers with eval.old_known_margin, selected once
+        (cached with the base's scores). Refused when the base's confident answers are no better than chance."""
+        e = self.config.eval
+        base = self.base()
+        margin = float(e.old_known_margin)
+        cache_key = f"known:pool={pool_size}:seed={e.old_seed}:source={source or 'asset'}:margin={margin}"
+        scores = self._read_scores(base)
+        if cache_key not in scores:
+            selection = known_questions(base.cfg, self.params(base), self.tokenizer, size=pool_size,
+                                        seed=int(e.old_seed), margin=margin, source=source,
+                                        batch_size=int(e.score_batch_size), progress=bool(self.config.progress))
+            scores[cache_key] = dataclasses.asdict(selection)
+            self._write_scores(base, {**self._read_scores(base), cache_key: scores[cache_key]})
+        cached = scores[cache_key]
+        selection = KnownQuestions(cached["pool_size"], cached["margin"], tuple(cached["positions"]),
+                                   tuple(cached["margins"]), cached["confident"])
+        if not selection.informative:
+            raise ExperimentConfigError(
+                f"eval.old names mmlu_known, but the base's MMLU answers are not knowledge: {selection.describe()}."
+                " Whether a model keeps them would measure drift, not what the base knew. Drop mmlu_known from"
+                " config.eval.old (mmlu_text measures this base), or raise config.eval.old_known_pool /"
+                " config.eval.old_known_margin")
+        return selection.positions
 
     def weight_change(self, handle: ModelHandle, reference: ModelHandle) -> float | None:
         """||W - W_ref|| / ||W_ref|| over all parameters (None for a mixture of experts: other shapes)."""
@@ -567,6 +574,13 @@ class Runner:
         items = [[self.score_items(base, t) for t in self.tasks]]
         legacy_old = [self.old_score(base)]
         old_records = {m: [self.old_measure(base, m)] for m in measure_names}
+        for m, (base_score,) in old_records.items():
+            if base_score["chance"] is not None and not base_score["ci95"][0] > base_score["chance"] \
+                    and m not in self._warned:
+                self._warned.add(m)
+                logger.warning("old-knowledge measure %s: the base scores %.4f [%.4f, %.4f], not above chance (%.4g)"
+                               " beyond its interval, so its changes cannot show forgetting of what the base knew",
+                               m, base_score["value"], *base_score["ci95"], base_score["chance"])
         changes: dict[str, list[float | None]] = {"from_base": [], "update": []}
         for j in range(1, n + 1):
             start = time.perf_counter()
@@ -631,6 +645,7 @@ def _old_measure_summary(records: list[dict]) -> dict:
         "change": change,
         "change_ci95": change_ci,
         "forgetting": [ci is not None and ci[1] < 0 for ci in change_ci],
+        "base_above_chance": None if base["chance"] is None else base["ci95"][0] > base["chance"],
         "per_item": [list(r["per_item"]) for r in records],
     }
 
@@ -640,14 +655,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def _items_key(task_name: str) -> str:
     return f"{task_name}#items"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split(text: str) -> list[str]:
