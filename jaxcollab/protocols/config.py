@@ -14,8 +14,11 @@ return. Variants:
   = the log-likelihood of held-out MMLU text (the `mmlu` asset) and MMLU in lm-eval's cloze format, each with
   a 95% confidence interval. Learning rates constant, calibrated so each round is learned while the weights
   move by well under 1% of their norm.
-- `smollm2_trace`: the same model on TRACE tasks a 135M model can learn (C-STANCE, FOMC, ScienceQA in the
-  paper's order) from `data.trace_root`, a few hundred examples each.
+- `smollm2_trace`: the same model on three TRACE classification tasks in the paper's order (C-STANCE, FOMC,
+  ScienceQA) from `data.trace_root`, 128 training examples each. Not calibrated yet: after 2 epochs of LoRA
+  (lr 2e-3) its answers collapse toward one letter per task (C-STANCE 0.45 -> 0.27, FOMC 0.30 -> 0.50 = its
+  majority class, ScienceQA 0.33 -> 0.52 on 64 test rows), so its scores do not show learning; use it as a
+  test of the pipeline on real data with a real model.
 - `llama3_8b_trace`: the paper's setting: a local Hugging Face Llama 3 8B directory (`model.path`), the
   TRACE tasks in the paper's order from `data.trace_root` plus MetaMathQA (`data.metamath_file`), AdamW
   lr 2e-5 constant, effective batch 64, TRACE's per-task epochs, bf16, a mesh for a TPU slice or GPU node.
