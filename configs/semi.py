@@ -1,7 +1,7 @@
 """Semi-collaborative setting: a round's data is gone after its round.
 
     python -m jaxcollab.launch --config=configs/semi.py                       # embedded default
-    python -m jaxcollab.launch --config=configs/semi.py:tiny_trace --config.data.trace_root=../shared/data/trace
+    python -m jaxcollab.launch --config=configs/semi.py:tiny_trace --config.data.trace_root=/data/TRACE
     python -m jaxcollab.launch --config=configs/semi.py:llama3_8b_trace \\
         --config.model.path=/models/Meta-Llama-3-8B --config.data.trace_root=/data/TRACE \\
         --config.data.metamath_file=/data/MetaMathQA-395K.json

@@ -111,7 +111,7 @@ def run(args: MixArgs) -> str:
     import jax.numpy as jnp
 
     from jaxcollab import model, moe
-    from jaxcollab.data.tokenizers import ByteTokenizer, HFTokenizer
+    from jaxcollab.data.tokenizers import ByteTokenizer, HFTokenizer, TokenizerError, check_fits_model
 
     start = time.time()
     dtype = jnp.dtype(args.dtype)
@@ -122,8 +122,10 @@ def run(args: MixArgs) -> str:
     if args.router == "hidden":
         texts = read_prompts(args.prompts, num_experts)
         tokenizer = ByteTokenizer() if args.tokenizer == "bytes" else HFTokenizer(args.tokenizer or args.base)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise UsageError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
+        try:
+            check_fits_model(tokenizer, cfg.vocab_size, str(args.base))
+        except TokenizerError as e:
+            raise UsageError(str(e)) from None
         router_prompts = [[[*tokenizer.start_ids, *tokenizer.encode(t)] for t in prompts] for prompts in texts]
         pad_id = tokenizer.pad_id
     mixed_cfg, mixed = moe.mix(

@@ -114,14 +114,12 @@ def _score(args: OldKnowledgeArgs, directory: Path) -> tuple[list[str], dict[str
     import jax.numpy as jnp
 
     from jaxcollab import model
-    from jaxcollab.data.tokenizers import HFTokenizer
+    from jaxcollab.data.tokenizers import HFTokenizer, check_fits_model
     from jaxcollab.evaluation.old_measures import evaluate_old_knowledge
 
     cfg, params = model.load_hf(directory, dtype=jnp.dtype(args.dtype))
     tokenizer = HFTokenizer(directory)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise model.ConfigError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{cfg.vocab_size}")
+    check_fits_model(tokenizer, cfg.vocab_size, str(directory))
     lines, records = [], {}
     for name in args.measures:
         score = evaluate_old_knowledge(name, cfg, params, tokenizer, size=args.text_size if name == "mmlu_text"
@@ -165,6 +163,7 @@ def run(args: OldKnowledgeArgs) -> str:
 
 def _main(argv: Sequence[str]) -> int:
     from jaxcollab.assets import AssetError
+    from jaxcollab.data.tokenizers import TokenizerError
     from jaxcollab.evaluation.mmlu import MmluDataError
     from jaxcollab.model import CheckpointError, ConfigError
     from jaxcollab.pretrained import PretrainedSourceError
@@ -177,7 +176,8 @@ def _main(argv: Sequence[str]) -> int:
                                 dtype=f.dtype, converted_dir=f.converted_dir, out=f.out, progress=f.progress)
 
     return run_command(argv, make_args, run,
-                       (PretrainedSourceError, AssetError, MmluDataError, CheckpointError, ConfigError))
+                       (PretrainedSourceError, AssetError, MmluDataError, CheckpointError, ConfigError,
+                        TokenizerError))
 
 
 def main() -> None:

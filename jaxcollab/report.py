@@ -4,12 +4,13 @@
     python -m jaxcollab.report --table A/results.json B/results.json   # final-round table(s), markdown
 
 report.md has, for the setting, a table of strategies x (new, recent, old, OP, BWT) at the final round
-with 95% intervals where the run kept per-item scores, the weights' relative change from the base, then
-every old-knowledge measure (value and interval per round, and the paired change from the base with its
-interval: "forgetting" when it lies below zero), the paper's findings checked on this run
-(`jaxcollab.findings`), and each strategy's score matrix R (rows: the base and each round; columns: the
-tasks; plus the old-knowledge score). Plots: `knowledge.png` (new, recent, old and OP per round, one line
-per strategy) and `R_matrices.png` (a heatmap of each strategy's R).
+with 95% intervals where the run kept per-item scores, the weights' relative change from the base, whether
+each round's task was learned (above the base and above always giving one fixed answer, the best on the
+training rows, by paired intervals), then every old-knowledge measure (value and interval per round, and the
+paired change from the base with its interval: "forgetting" when it lies below zero), the paper's
+findings checked on this run (`jaxcollab.findings`), and each strategy's score matrix R (rows: the base
+and each round; columns: the tasks; plus the old-knowledge score). Plots: `knowledge.png` (new, recent,
+old and OP per round, one line per strategy) and `R_matrices.png` (a heatmap of each strategy's R).
 
     python -m jaxcollab.report --findings semi/results.json full/results.json   # the findings across runs
 """
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from jaxcollab.atomic import atomic_file
-from jaxcollab.evaluation.stats import mean_ci, proportion_ci
+from jaxcollab.evaluation.stats import mean_ci, paired_difference_ci, proportion_ci
 from jaxcollab.findings import check_findings, final_items
 
 MEASURES = (("new", "new"), ("recent", "recent"), ("old", "old"), ("op", "OP"), ("bwt", "BWT"))
@@ -111,6 +112,42 @@ def old_knowledge_tables(results: dict) -> list[str]:
     return lines
 
 
+def _paired(a: list[float] | None, b: list[float] | None) -> tuple[float, tuple[float, float]] | None:
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    low, high = paired_difference_ci(a, b)
+    return (sum(a) - sum(b)) / len(a), (low, high)
+
+
+def learning_table(results: dict) -> list[str]:
+    """Markdown rows: whether each round's task was learned, i.e. the score on it right after its round above
+    the base's and above the constant answer's (`Runner.constant_answer`), each by a paired interval."""
+    constant = results.get("constant_answer") or []
+    if not constant:
+        return []
+    lines = ["| strategy | round | task | score | − base [95% CI] | − constant answer [95% CI] | verdict |",
+             "|---" * 7 + "|"]
+    for name, s in results["strategies"].items():
+        items = s.get("R_items") or []
+        for j in range(1, len(s["R"])):
+            own = items[j][j - 1] if j < len(items) else None
+            base = items[0][j - 1] if items else None
+            against_base = _paired(own, base)
+            against_constant = _paired(own, constant[j - 1]["items"])
+            cells = [_with_ci(*d) if d else "–" for d in (against_base, against_constant)]
+            if against_base is None or against_constant is None:
+                verdict = "no per-item scores"
+            elif not against_base[1][0] > 0:
+                verdict = "not above the base"
+            elif not against_constant[1][0] > 0:
+                verdict = f"no better than always answering {constant[j - 1]['answer']!r}"
+            else:
+                verdict = "learned"
+            lines.append(f"| {name} | {j} | {constant[j - 1]['task']} | {_fmt(s['R'][j][j - 1])} | "
+                         + " | ".join(cells) + f" | {verdict} |")
+    return lines
+
+
 def findings_lines(runs: list[dict]) -> list[str]:
     """The paper's findings checked on `runs`: one row per comparison (`jaxcollab.findings`)."""
     comparisons = check_findings(runs)
@@ -154,6 +191,15 @@ def markdown(results: dict) -> str:
               "on earlier tasks since they were learned. Brackets: 95% intervals over the items (Wilson for 0/1",
               "scores, Student t otherwise; OP pools the items of every task). ‖ΔW‖/‖W‖: how far the weights moved",
               "from the base (all parameters, Frobenius norms; – for mixtures of experts).", ""]
+    learning = learning_table(results)
+    if learning:
+        answers = ", ".join(f"{c['task']}: {c['answer']!r} scores {_fmt(c['score'])}"
+                            for c in results["constant_answer"])
+        lines += ["## Was each round's task learned?", "",
+                  "The score on a round's task right after the round, against the base's and against answering",
+                  f"every question with one fixed answer, the best on the training rows ({answers}); paired",
+                  "intervals over the same rows. A model no better than the constant answer learned the task's",
+                  "answer prior, not the task.", "", *learning, ""]
     old_tables = old_knowledge_tables(results)
     if old_tables:
         lines += ["## Old knowledge", "", "Change from base: the mean per-item difference from the base on the same",

@@ -291,3 +291,26 @@ def test_chat_template_wraps_the_task_templates_and_keeps_answers(tmp_path):
 
     with pytest.raises(DataError, match="does not place the user's message"):
         with_chat_template(task, drops_the_message)
+
+
+@needs_trace
+def test_constant_answer_baseline_is_the_best_fixed_answer_by_hand():
+    from jaxcollab.evaluation import constant_answer_baseline
+
+    fomc = get_task("FOMC", root=TRACE_ROOT)
+    train = json.loads((TRACE_ROOT / "FOMC" / "trace500" / "train.json").read_text())
+    test = json.loads((TRACE_ROOT / "FOMC" / "trace500" / "test.json").read_text())[:40]
+    letters = [row["answer"].strip() for row in train[:256]]  # fitted on the first 256 training rows
+    majority = max("ABC", key=letters.count)
+    result = constant_answer_baseline(fomc, fomc.examples("train"), split="test", limit=40)
+    hits = [float(row["answer"].strip()[:1] == majority) for row in test]
+    assert result.predictions == [majority] * 40 and result.items == hits and result.score == sum(hits) / 40
+    # ScienceQA: every answer is a letter and its explanation, all distinct; the metric reads the letter, so
+    # the constant is an answer with the letter most frequent among the fitted rows.
+    science = get_task("ScienceQA", root=TRACE_ROOT)
+    rows = science.examples("train")
+    first = [row["answer"].strip()[:1] for row in rows[:256]]
+    result = constant_answer_baseline(science, rows, split="test", limit=40)
+    assert result.predictions[0][0] == max("ABCDE", key=first.count) and len(set(first)) > 1
+    with pytest.raises(ValueError, match="no training answers"):
+        constant_answer_baseline(fomc, [], split="test")

@@ -135,7 +135,18 @@ def test_tiny_trace_runs_end_to_end(tmp_path):
             assert all(v is not None for v in row[:j]) and all(v is None for v in row[j:])
         assert len(s["old"]) == 4 and len(s["new"]) == len(s["op"]) == len(s["bwt"]) == 3
         assert s["seconds"] > 0
-    assert (tmp_path / "report.md").read_text().startswith("# Semi-collaborative setting: 3 rounds")
+    # The constant-answer baseline of each round, fitted on the 8 training rows, scored on the 4 test rows: for
+    # the letter tasks the most frequent letter; for Py150 one of its training lines.
+    for constant, name in zip(results["constant_answer"], results["tasks"], strict=True):
+        rows = json.loads((TRACE_ROOT / name / "trace500" / "train.json").read_text())[:8]
+        labels = [r["answer"].strip() for r in rows]
+        assert constant["task"] == name and constant["answer"] in labels
+        if name != "Py150":
+            assert constant["answer"] == max(labels, key=labels.count)
+        assert len(constant["items"]) == 4 and constant["score"] == sum(constant["items"]) / 4
+    report_text = (tmp_path / "report.md").read_text()
+    assert report_text.startswith("# Semi-collaborative setting: 3 rounds")
+    assert "## Was each round's task learned?" in report_text and "| seq_lora | 3 | Py150 |" in report_text
     for png in ("knowledge.png", "R_matrices.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -95,3 +95,19 @@ def test_bad_calls_are_refused_by_name(tmp_path, args, code, message):
                           timeout=300)
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_model_directory_whose_tokenizer_does_not_fit_is_refused_by_name(hf_llama, tmp_path):
+    import shutil
+
+    from test_data_tokenizers import build_tiny_hf_tokenizer
+
+    directory, _ = hf_llama()  # 64 ids
+    for path in build_tiny_hf_tokenizer(tmp_path / "tok").iterdir():  # 300 ids
+        shutil.copy(path, directory / path.name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "jaxcollab.old_knowledge", f"--model={directory}",
+                           "--measures=mmlu_text", "--text_size=1", "--noprogress"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"has 300 ids but the model only 64 ({directory})" in proc.stderr and "Traceback" not in proc.stderr

@@ -160,10 +160,11 @@ def test_smollm2_semi_reduced_end_to_end_and_resumable(smollm2_gguf, tmp_path, c
 @pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason="../shared/data/trace is not beside the repository")
 def test_smollm2_trace_full_reduced_end_to_end(smollm2_gguf, tmp_path):
     config = configured("full", "smollm2_trace", strategies="joint_lora,replay_lora",
-                        **{"data.trace_root": str(TRACE_ROOT), "data.tasks": "C-STANCE,FOMC", "data.train_limit": 8,
-                           "data.seq_len": 384, "eval.limit": 4})
+                        **{"data.trace_root": str(TRACE_ROOT), "data.train_limit": 8, "eval.limit": 4})
     results = json.loads(launch.run(config, tmp_path).read_text())
-    assert results["setting"] == "full" and results["tasks"] == ["C-STANCE", "FOMC"]
+    assert results["setting"] == "full" and results["tasks"] == ["Py150", "ScienceQA"]
+    assert [c["task"] for c in results["constant_answer"]] == results["tasks"]
+    assert "## Was each round's task learned?" in (tmp_path / "report.md").read_text()
     check_old_measures(results)
     joint, replay = results["strategies"]["joint_lora"], results["strategies"]["replay_lora"]
     assert joint["models"][0] == replay["models"][0]  # round 1 is the same LoRA fine-tuning

