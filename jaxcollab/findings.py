@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxcollab.evaluation.stats import paired_difference_ci
 
-__all__ = ["Comparison", "check_findings", "final_items", "verdict"]
+__all__ = ["Comparison", "check_findings", "final_items", "paired_difference", "verdict"]
 
 COMBINERS = {"avg_lora": "seq_lora", "ties_lora": "seq_lora", "dare_ties_lora": "seq_lora",
              "avg_fft": "seq_fft", "moe_gateless": "seq_fft", "moe_noisy": "seq_fft", "moe_router": "seq_fft"}
@@ -83,13 +83,21 @@ def final_items(strategy: dict, measure: str) -> list[float] | None:
     return list(old["per_item"][-1]) if old else None
 
 
-def _compare(finding: int, claim: str, a: tuple[str, dict], b: tuple[str, dict], measure: str) -> Comparison | None:
-    items_a, items_b = final_items(a[1], measure), final_items(b[1], measure)
+def paired_difference(items_a: Sequence[float] | None,
+                      items_b: Sequence[float] | None) -> tuple[float, tuple[float, float]] | None:
+    """mean(a - b) over items scored twice, and its paired 95% interval; None without two matching items."""
     if items_a is None or items_b is None or len(items_a) != len(items_b) or len(items_a) < 2:
         return None
     difference = float(np.mean(np.asarray(items_a) - np.asarray(items_b)))
-    low, high = paired_difference_ci(items_a, items_b)
-    return Comparison(finding, claim, a[0], b[0], measure, difference, (low, high), len(items_a))
+    return difference, paired_difference_ci(items_a, items_b)
+
+
+def _compare(finding: int, claim: str, a: tuple[str, dict], b: tuple[str, dict], measure: str) -> Comparison | None:
+    items_a = final_items(a[1], measure)
+    paired = paired_difference(items_a, final_items(b[1], measure))
+    if paired is None:
+        return None
+    return Comparison(finding, claim, a[0], b[0], measure, paired[0], paired[1], len(items_a))
 
 
 def _old_names(results: Sequence[dict]) -> list[str]:

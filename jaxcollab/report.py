@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from jaxcollab.atomic import atomic_file
-from jaxcollab.evaluation.stats import mean_ci, paired_difference_ci, proportion_ci
-from jaxcollab.findings import check_findings, final_items
+from jaxcollab.evaluation.stats import mean_ci, proportion_ci
+from jaxcollab.findings import check_findings, final_items, paired_difference
 
 MEASURES = (("new", "new"), ("recent", "recent"), ("old", "old"), ("op", "OP"), ("bwt", "BWT"))
 
@@ -112,13 +112,6 @@ def old_knowledge_tables(results: dict) -> list[str]:
     return lines
 
 
-def _paired(a: list[float] | None, b: list[float] | None) -> tuple[float, tuple[float, float]] | None:
-    if not a or not b or len(a) != len(b) or len(a) < 2:
-        return None
-    low, high = paired_difference_ci(a, b)
-    return (sum(a) - sum(b)) / len(a), (low, high)
-
-
 def learning_table(results: dict) -> list[str]:
     """Markdown rows: whether each round's task was learned, i.e. the score on it right after its round above
     the base's and above the constant answer's (`Runner.constant_answer`), each by a paired interval."""
@@ -132,8 +125,8 @@ def learning_table(results: dict) -> list[str]:
         for j in range(1, len(s["R"])):
             own = items[j][j - 1] if j < len(items) else None
             base = items[0][j - 1] if items else None
-            against_base = _paired(own, base)
-            against_constant = _paired(own, constant[j - 1]["items"])
+            against_base = paired_difference(own, base)
+            against_constant = paired_difference(own, constant[j - 1]["items"])
             cells = [_with_ci(*d) if d else "–" for d in (against_base, against_constant)]
             if against_base is None or against_constant is None:
                 verdict = "no per-item scores"
