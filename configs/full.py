@@ -1,15 +1,9 @@
-"""Fully-collaborative setting: every dataset stays available.
+"""The packaged `full` config (jaxcollab/configs/full.py: its variants and strategies are described there).
 
-    python -m jaxcollab.launch --config=configs/full.py                       # embedded default
-    python -m jaxcollab.launch --config=configs/full.py:llama3_8b_trace --config.model.path=... \\
-        --config.data.trace_root=... --config.data.metamath_file=...
-
-Strategies: joint_fft, joint_lora, replay_fft, replay_lora (replay weight --config.replay.w_hist, 0.1 by
-default). Every key and its meaning: jaxcollab/protocols/config.py.
+This copy lets a checkout name it by path: `--config=configs/full.py[:variant]`; `--config=full[:variant]` works
+from any directory.
 """
 
-from jaxcollab.protocols.config import experiment_config
+from jaxcollab.configs.full import get_config
 
-
-def get_config(variant=None):
-    return experiment_config("full", variant)
+__all__ = ["get_config"]

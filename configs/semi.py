@@ -1,18 +1,9 @@
-"""Semi-collaborative setting: a round's data is gone after its round.
+"""The packaged `semi` config (jaxcollab/configs/semi.py: its variants and strategies are described there).
 
-    python -m jaxcollab.launch --config=configs/semi.py                       # embedded default
-    python -m jaxcollab.launch --config=configs/semi.py:tiny_trace --config.data.trace_root=/data/TRACE
-    python -m jaxcollab.launch --config=configs/semi.py:llama3_8b_trace \\
-        --config.model.path=/models/Meta-Llama-3-8B --config.data.trace_root=/data/TRACE \\
-        --config.data.metamath_file=/data/MetaMathQA-395K.json
-
-Strategies: seq_fft, seq_lora, olora, avg_fft, avg_lora, ties_lora, dare_ties_lora, moe_gateless,
-moe_noisy (default) and moe_router; pick some with --config.strategies=seq_lora,olora. Every key and its
-meaning: jaxcollab/protocols/config.py.
+This copy lets a checkout name it by path: `--config=configs/semi.py[:variant]`; `--config=semi[:variant]` works
+from any directory.
 """
 
-from jaxcollab.protocols.config import experiment_config
+from jaxcollab.configs.semi import get_config
 
-
-def get_config(variant=None):
-    return experiment_config("semi", variant)
+__all__ = ["get_config"]

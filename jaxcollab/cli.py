@@ -27,6 +27,30 @@ def check_output_dir(out: str | None, overwrite: bool) -> None:
         raise UsageError(f"--out={path} exists and is not empty; choose a new directory or pass --overwrite")
 
 
+HELP_ARGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def run_absl_command(doc: str | None, main: Callable[[list[str]], int]) -> None:
+    """Run an absl command's `main`, answering -h/--help with its description and flags (exit 0).
+
+    absl's own --help exits 1 and lists every library's flags; this prints the command's docstring and the
+    flags the command itself defines.
+    """
+    from absl import app, flags
+
+    if any(arg in HELP_ARGS for arg in sys.argv[1:]):
+        print((doc or "").strip())
+        for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items()):
+            if "jaxcollab" not in module:  # absl's own flags
+                continue
+            print("\nflags:")
+            for flag in sorted(module_flags, key=lambda f: f.name):
+                default = "" if flag.default in (None, "") else f" (default: {flag.default_as_str})"
+                print(f"  --{flag.name}: {flag.help}{default}")
+        sys.exit(0)
+    app.run(main)
+
+
 def check_input_dirs(paths: Iterable[str]) -> None:
     for path in paths:
         if not Path(path).is_dir():

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from absl import app, flags
+from absl import flags
 
-from jaxcollab.cli import UsageError, check_output_dir, run_command
+from jaxcollab.cli import UsageError, check_output_dir, run_absl_command, run_command
 
 if TYPE_CHECKING:  # the library is imported only when a conversion runs, so that --help and bad calls are quick
     import numpy as np
@@ -154,7 +154,7 @@ def _main(argv: Sequence[str]) -> int:
 
 def main() -> None:
     _define_flags()
-    app.run(_main)
+    run_absl_command(__doc__, _main)
 
 
 if __name__ == "__main__":

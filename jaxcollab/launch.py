@@ -1,7 +1,10 @@
 """Run an experiment config: every strategy of a setting, round by round, then results.json and the report.
 
-    python -m jaxcollab.launch --config=configs/semi.py [--config.KEY=VALUE ...] [--workdir=DIR]
-    python -m jaxcollab.launch --config=configs/full.py:VARIANT --config.strategies=joint_lora,replay_lora
+    jaxcollab launch --config=semi [--config.KEY=VALUE ...] [--workdir=DIR]
+    jaxcollab launch --config=full:VARIANT --config.strategies=joint_lora,replay_lora
+    python -m jaxcollab.launch --config=configs/semi.py:smollm2      # a config file, by path
+
+--config names a packaged config (semi or full, then :variant) or a config file with get_config(variant).
 
 Writes DIR/results.json (score matrices and measures per strategy), DIR/report.md and DIR/*.png, and
 prints `results: DIR/results.json` as its last line. The workdir keeps every trained model, checkpoint and
@@ -23,14 +26,18 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/semi.py[:variant].")
+from jaxcollab.cli import HELP_ARGS
+from jaxcollab.configs import resolve as resolve_config
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: semi or full (packaged), or a config file, then :variant; e.g. semi:smollm2.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<setting>-<variant>).")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 
 
 def _load_config_file(spec: str) -> ConfigDict:
-    path, _, variant = spec.partition(":")
+    path, _, variant = resolve_config(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
     if module_spec is None or module_spec.loader is None or not Path(path).is_file():
         raise FileNotFoundError(f"--config={spec}: {path} is not a config file")
@@ -46,7 +53,7 @@ def check_overrides(argv: Sequence[str]) -> str | None:
     """
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None:
-        return "--config is required, e.g. --config=configs/semi.py"
+        return "--config is required, e.g. --config=semi or --config=configs/semi.py:smollm2"
     try:
         config = _load_config_file(spec)
     except (FileNotFoundError, ValueError) as e:
@@ -147,6 +154,12 @@ def _main(argv: Sequence[str]) -> int:
 
 
 def main() -> None:
+    sys.argv = [f"--config={resolve_config(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+                for a in sys.argv]
+    if any(arg in HELP_ARGS for arg in sys.argv[1:]):
+        from jaxcollab.cli import run_absl_command
+
+        run_absl_command(__doc__, _main)  # prints the help and exits 0
     error = check_overrides(sys.argv[1:])
     if error is not None:
         print(f"error: {error}", file=sys.stderr)

@@ -26,9 +26,9 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from jaxcollab.cli import UsageError, check_input_dirs, check_output_dir, run_command
+from jaxcollab.cli import UsageError, check_input_dirs, check_output_dir, run_absl_command, run_command
 
 DTYPES = ("float32", "bfloat16")
 
@@ -163,7 +163,7 @@ def _main(argv: Sequence[str]) -> int:
 
 def main() -> None:
     _define_flags()
-    app.run(_main)
+    run_absl_command(__doc__, _main)
 
 
 if __name__ == "__main__":

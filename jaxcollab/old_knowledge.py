@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from jaxcollab.cli import UsageError, run_command
+from jaxcollab.cli import UsageError, run_absl_command, run_command
 
 DEFAULT_MEASURES = ("mmlu", "mmlu_cloze", "mmlu_text")
 DTYPES = ("float32", "bfloat16")
@@ -182,7 +182,7 @@ def _main(argv: Sequence[str]) -> int:
 
 def main() -> None:
     _define_flags()
-    app.run(_main)
+    run_absl_command(__doc__, _main)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,8 @@ def _read_results(path: str) -> dict:
         raise ValueError(f"{path}: not JSON ({e})") from None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
     if len(argv) == 2 and argv[1] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -320,4 +321,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

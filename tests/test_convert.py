@@ -165,8 +165,8 @@ def test_command_line_converts_and_refuses_to_clobber(tiny_files, tmp_path):
 
 
 def test_command_line_help():
-    done = run_convert("--help")  # absl prints the help and exits 1, as for every jaxcollab command
-    assert "FILE.gguf --out=HF_DIR" in done.stdout and "--dtype" in done.stdout
+    done = run_convert("--help")
+    assert done.returncode == 0 and "FILE.gguf --out=HF_DIR" in done.stdout and "--dtype" in done.stdout
 
 
 def assert_refused(done: subprocess.CompletedProcess, *fragments: str) -> None:

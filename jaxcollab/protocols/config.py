@@ -1,6 +1,6 @@
 """Experiment configurations: one ml_collections ConfigDict per setting and variant, and their validation.
 
-`experiment_config(setting, variant)` builds the config that `configs/semi.py` and `configs/full.py`
+`experiment_config(setting, variant)` builds the config that the packaged configs `semi` and `full`
 return. Variants:
 
 - `embedded` (default): a tiny Llama (about 0.7M parameters, byte-level tokenizer) pre-trained from
