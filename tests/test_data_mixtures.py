@@ -1,14 +1,13 @@
 """Mixtures: replay sizes follow round(w_hist * |current|) with wrap-around sampling; joint duplication."""
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from trace_root import TRACE_ROOT
 
 from jaxcollab.data import get_task, joint_mixture, replay_indices, replay_mixture, replay_size
 
-TRACE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "trace"
 needs_trace = pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason=f"TRACE data not found at {TRACE_ROOT}")
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from trace_root import TRACE_ROOT
 
 from jaxcollab.data import tasks
 from jaxcollab.data.tasks import (
@@ -16,7 +17,6 @@ from jaxcollab.data.tasks import (
     read_trace_file,
 )
 
-TRACE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "trace"
 needs_trace = pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason=f"TRACE data not found at {TRACE_ROOT}")
 
 # Row counts from SOURCES.md ("Quality caveats" and "Per-file listing"), for files that exist.

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import pytest
+from trace_root import TRACE_ROOT
 
 from jaxcollab.data import ByteTokenizer, HFTokenizer, TokenizerError, get_task
 from jaxcollab.data.pipeline import encode_example
 
-TRACE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "trace"
 needs_trace = pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason=f"TRACE data not found at {TRACE_ROOT}")
 TRACE500_TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
 

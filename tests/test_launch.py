@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from trace_root import TRACE_ROOT
 
 from jaxcollab import launch
 from jaxcollab.protocols import ExperimentConfigError, experiment_config, validate
 from jaxcollab.protocols.config import SEMI_STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
-TRACE_ROOT = REPO.parent / "shared" / "data" / "trace"
 SMALL = {  # a reduced embedded config: a small model, two rounds of 16 facts, few steps
     "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "data.num_rounds": 2,
     "data.facts_per_domain": 16, "base_train.epochs": 6, "base_train.warmup_steps": 2, "fft.epochs": 8,
@@ -110,7 +110,7 @@ def test_olora_lambdas_expand_into_one_strategy_each():
 
 
 # ----------------------------------------------------------------------------------------------- runs
-@pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason="../shared/data/trace is not beside the repository")
+@pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason=f"no TRACE data at {TRACE_ROOT}")
 def test_tiny_trace_runs_end_to_end(tmp_path):
     config = experiment_config("semi", "tiny_trace")
     config.data.trace_root = str(TRACE_ROOT)

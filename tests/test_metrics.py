@@ -3,11 +3,11 @@
 import json
 from collections import Counter
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
+from trace_root import TRACE_ROOT as TRACE
 
 from jaxcollab.evaluation import metrics
 from jaxcollab.evaluation.metrics import (
@@ -23,7 +23,6 @@ from jaxcollab.evaluation.metrics import (
     score,
 )
 
-TRACE = Path("/work/shared/data/trace")
 GSM8K_TEST = TRACE / "MetaMathQA/eval_from_MetaMath_repo/GSM8K_test.jsonl"
 
 

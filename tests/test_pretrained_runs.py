@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+from trace_root import TRACE_ROOT
 
 from jaxcollab import launch
 from jaxcollab.protocols import ExperimentConfigError, Runner, experiment_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
-TRACE_ROOT = REPO.parent / "shared" / "data" / "trace"
 REDUCED = {"data.num_rounds": 2, "data.facts_per_domain": 4, "lora.epochs": 1.0, "fft.epochs": 1.0,
            "eval.old_size": 8, "eval.old_text_size": 4, "mesh.fsdp": 1, "progress": False}
 
@@ -157,7 +157,7 @@ def test_smollm2_semi_reduced_end_to_end_and_resumable(smollm2_gguf, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason="../shared/data/trace is not beside the repository")
+@pytest.mark.skipif(not TRACE_ROOT.is_dir(), reason=f"no TRACE data at {TRACE_ROOT}")
 def test_smollm2_trace_full_reduced_end_to_end(smollm2_gguf, tmp_path):
     config = configured("full", "smollm2_trace", strategies="joint_lora,replay_lora",
                         **{"data.trace_root": str(TRACE_ROOT), "data.train_limit": 8, "eval.limit": 4})
