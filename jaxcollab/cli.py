@@ -13,6 +13,8 @@ from typing import Any
 
 from absl import logging
 
+DTYPES = ("float32", "bfloat16")  # what the commands load and save models in (--dtype)
+
 
 class UsageError(ValueError):
     """Command-line arguments that do not describe a job."""

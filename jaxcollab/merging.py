@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcollab.lora import ALL_TARGETS, TARGET_PATHS, LoraAdapter
+from jaxcollab.trees import set_path
 
 METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 ADAPTER_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -557,7 +558,7 @@ def merge_adapters(
         _check_factor_shapes(target, users, factors, same_rank=method != "cat")
         if method == "cat":
             parts = [(a, b, weights[i] * adapters[i].scaling) for i, (a, b) in zip(users, factors, strict=True)]
-            _set(out, TARGET_PATHS[target], _concatenated(parts, sum(ranks)))
+            set_path(out, TARGET_PATHS[target], _concatenated(parts, sum(ranks)))
             continue
         recipe = adapter_recipe(method, density, majority_sign_method)
         node = {}
@@ -568,7 +569,7 @@ def merge_adapters(
             merged = merge_leaves(recipe, None, leaves, [factor_weights[i] for i in users],
                                   leaf_key(key, path_name), stacked=True)
             node[factor_name] = _place_like(merged, leaves[0])
-        _set(out, TARGET_PATHS[target], node)
+        set_path(out, TARGET_PATHS[target], node)
     return LoraAdapter(out, 1.0, adapters[0].dropout)
 
 
@@ -587,9 +588,3 @@ def _check_factor_shapes(target: str, users: list[int], factors: list[tuple[jax.
                     f"{target}.{factor_name} has shape {shape} in adapters[{user}] but {first} in"
                     f" adapters[{users[0]}]; adapters must be for the same model"
                 )
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

@@ -25,9 +25,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxcollab.cli import UsageError, check_input_dirs, check_output_dir, run_absl_command, run_command
-
-DTYPES = ("float32", "bfloat16")
+from jaxcollab.cli import DTYPES, UsageError, check_input_dirs, check_output_dir, run_absl_command, run_command
 
 
 def _define_flags() -> None:

@@ -30,10 +30,9 @@ from typing import Any
 
 from absl import flags
 
-from jaxcollab.cli import UsageError, run_absl_command, run_command
+from jaxcollab.cli import DTYPES, UsageError, run_absl_command, run_command
 
 DEFAULT_MEASURES = ("mmlu", "mmlu_cloze", "mmlu_text")
-DTYPES = ("float32", "bfloat16")
 
 
 def _define_flags() -> None:
