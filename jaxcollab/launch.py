@@ -32,6 +32,8 @@ from jaxcollab.configs import resolve as resolve_config
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: semi or full (packaged), or a config file, then :variant; e.g. semi:smollm2.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<setting>-<variant>).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (each strategy's model per round; every training"
+                             " to run, resume or reuse, with steps and tokens) and stop: nothing is trained.")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 
@@ -82,8 +84,9 @@ def _summary_line(name: str, s: dict) -> str:
             f"  OP {fmt(s['op'])}  BWT {fmt(s['bwt'])}  ({s['seconds']:.0f}s)")
 
 
-def run(config: ConfigDict, workdir: str | Path | None = None) -> Path:
+def run(config: ConfigDict, workdir: str | Path | None = None, dry_run: bool = False) -> Path | None:
     """Run the experiment `config` describes; write results.json, report.md and plots; return results.json.
+    With `dry_run`, print the plan instead (nothing trained or scored) and return None.
 
     Raises `ExperimentConfigError` for a config that cannot run. Call `maybe_initialize_distributed()`
     first in a multi-process job.
@@ -92,12 +95,15 @@ def run(config: ConfigDict, workdir: str | Path | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from jaxcollab.atomic import atomic_file
-    from jaxcollab.protocols import Runner, run_experiment, strategy_names, validate
+    from jaxcollab.protocols import Runner, plan_experiment, run_experiment, strategy_names, validate
     from jaxcollab.provenance import provenance
     from jaxcollab.report import write_report
 
     validate(config)
     workdir = Path(workdir or f"runs/{config.setting}-{config.variant}")
+    if dry_run:
+        print("\n".join(plan_experiment(Runner(config, workdir, dry_run=True))))
+        return None
     writer = jax.process_index() == 0
     if writer:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -145,11 +151,12 @@ def _main(argv: Sequence[str]) -> int:
     enable_compilation_cache()
     logging.getLogger("jaxcollab").setLevel(logging.WARNING)
     try:
-        path = run(_CONFIG.value, _WORKDIR.value)
+        path = run(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
     except (ValueError, DataError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"results: {path}")
+    if path is not None:
+        print(f"results: {path}")
     return 0
 
 

@@ -11,8 +11,7 @@ import pytest
 from trace_root import TRACE_ROOT
 
 from jaxcollab import launch
-from jaxcollab.protocols import ExperimentConfigError, experiment_config, validate
-from jaxcollab.protocols.config import SEMI_STRATEGIES
+from jaxcollab.protocols import ExperimentConfigError, experiment_config, registry, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {  # a reduced embedded config: a small model, two rounds of 16 facts, few steps
@@ -106,7 +105,8 @@ def test_olora_lambdas_expand_into_one_strategy_each():
     config.strategies = "seq_lora,olora"
     config.olora.lambdas = "0.1,0.5"
     assert strategy_names(config) == ["seq_lora", "olora_0.1", "olora_0.5"]
-    assert set(experiment_config("semi").strategies.split(",")) == set(SEMI_STRATEGIES) - {"moe_router"}
+    assert set(experiment_config("semi").strategies.split(",")) == set(registry.registered("semi")) - {"moe_router"}
+    assert experiment_config("full").strategies.split(",") == registry.registered("full")
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -218,3 +218,51 @@ def test_router_training_and_frozen_olora_with_several_lambdas(tmp_path):
         assert (last / "adapter_model.safetensors").is_file() and (last / "olora_a_bank.safetensors").is_file()
     assert results["strategies"]["olora_0.1"]["models"][1] != results["strategies"]["olora_1"]["models"][1]
     assert results["strategies"]["olora_0.1"]["models"][0] == results["strategies"]["olora_1"]["models"][0]
+
+
+PLUGIN = '''
+from jaxcollab.protocols import strategy
+
+
+@strategy("lora_from_base", setting="semi")
+def lora_from_base(lab, j):
+    """Round j: the base with one LoRA adapter trained on task j alone (the round's ingredient)."""
+    return lab.train(lab.base(), lab.task(j), "lora", label=f"lora-task{j}")
+'''
+
+
+def test_a_strategy_from_a_module_outside_the_package(tmp_path):
+    """--config.plugins imports the user's module; its registered strategy runs through the launcher and
+    shares the built-in strategies' ingredients (same label, start and data: the same trained adapter)."""
+    (tmp_path / "my_strategies.py").write_text(PLUGIN)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    args = [sys.executable, "-m", "jaxcollab.launch", *as_flags(), "--config.plugins=my_strategies",
+            "--config.strategies=seq_lora,avg_lora,lora_from_base", f"--workdir={workdir}"]
+
+    def launch(*extra):
+        done = subprocess.run([*args, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    plan = launch("--dry_run")
+    assert not workdir.exists()  # a dry run trains and writes nothing
+    # base, lora-task1, seq_lora r2, lora-task2 (avg_lora's and the plugin's round 2); avg_lora r2 is computed
+    assert "trainings: 4 to run, 0 to resume, 0 reused; 1 models computed" in plan
+    planned = {line.split(":")[0].strip(): [part.split()[1] for part in line.split(":", 1)[1].split(",")]
+               for line in plan.splitlines() if line.startswith("  ") and ": r1 " in line}
+    assert "reusing" not in launch()  # shared ingredients are trained once and not announced as reused
+    strategies = json.loads((workdir / "results.json").read_text())["strategies"]
+    assert planned == {name: s["models"] for name, s in strategies.items()}  # the plan named the run's models
+    assert "trainings: 0 to run, 0 to resume, 4 reused" in launch("--dry_run")
+    mine, seq, avg = strategies["lora_from_base"]["models"], strategies["seq_lora"]["models"], \
+        strategies["avg_lora"]["models"]
+    assert mine[0] == seq[0] == avg[0] and mine[0].startswith("lora-task1-")  # round 1: the shared ingredient
+    assert mine[1].startswith("lora-task2-") and mine[1] != seq[1]
+    assert len(list((workdir / "adapters").iterdir())) == 3  # lora-task1, lora-task2 (shared with avg), seq r2
+
+    unknown = subprocess.run([sys.executable, "-m", "jaxcollab.launch", *as_flags(), "--config.plugins=not_there",
+                              f"--workdir={workdir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert unknown.returncode == 2 and "config.plugins: cannot import 'not_there'" in unknown.stderr

@@ -44,16 +44,16 @@ import ml_collections
 
 from jaxcollab.data.synthetic import TEST_TEMPLATES
 from jaxcollab.data.tasks import PAPER_TASK_ORDER
+from jaxcollab.protocols import registry
 
 VARIANTS = ("embedded", "tiny_trace", "smollm2", "smollm2_trace", "llama3_8b_trace")
 SETTINGS = ("semi", "full")
 MODEL_SOURCES = ("scratch", "pretrained", "hf")  # "hf": the name older configs use for "pretrained"
-SEMI_STRATEGIES = ("seq_fft", "seq_lora", "olora", "avg_fft", "avg_lora", "ties_lora", "dare_ties_lora",
-                   "moe_gateless", "moe_noisy", "moe_router")
-FULL_STRATEGIES = ("joint_fft", "joint_lora", "replay_fft", "replay_lora")
+# What runs when config.strategies is not given: every built-in strategy (protocols/semi.py, full.py) but
+# moe_router, which trains routers on top of moe_noisy's mixtures.
 DEFAULT_STRATEGIES = {
-    "semi": ",".join(s for s in SEMI_STRATEGIES if s != "moe_router"),
-    "full": ",".join(FULL_STRATEGIES),
+    "semi": "seq_fft,seq_lora,olora,avg_fft,avg_lora,ties_lora,dare_ties_lora,moe_gateless,moe_noisy",
+    "full": "joint_fft,joint_lora,replay_fft,replay_lora",
 }
 # Per-task epochs of TRACE's training scripts (C-STANCE 5, FOMC 3, MeetingBank 7, Py150 5, ScienceQA 3,
 # NumGLUE-cm 5, NumGLUE-ds 5, 20Minuten 7); MetaMathQA (395k rows) is trained for one epoch.
@@ -91,7 +91,10 @@ def experiment_config(setting: str, variant: str | None = None) -> ml_collection
     c.setting = setting
     c.variant = variant
     c.seed = 0
-    c.strategies = DEFAULT_STRATEGIES[setting]  # comma-separated; see SEMI_STRATEGIES / FULL_STRATEGIES
+    c.strategies = DEFAULT_STRATEGIES[setting]  # comma-separated names of registered strategies
+    # Comma-separated modules imported before the run; they may register strategies of their own with
+    # @jaxcollab.protocols.strategy(name, setting=...) (see protocols/registry.py), named in strategies.
+    c.plugins = ""
 
     # The model: "scratch" builds a tiny Llama and pre-trains it on data.old_task (cached in the workdir);
     # "pretrained" ("hf" is the same) loads model.path: an asset name (smollm2-135m-instruct, from PyPI), a
@@ -278,16 +281,23 @@ def _smollm2(c: ml_collections.ConfigDict, setting: str, variant: str) -> None:
 
 
 def strategy_names(config: ml_collections.ConfigDict) -> list[str]:
-    """The strategies to run, in order, with o-LoRA expanded to one per λ when several are given."""
-    valid = SEMI_STRATEGIES if config.setting == "semi" else FULL_STRATEGIES
+    """The strategies to run, in order, with o-LoRA expanded to one per λ when several are given.
+
+    Imports config.plugins first, so that the strategies they register are known.
+    """
+    try:
+        registry.import_plugins([m.strip() for m in str(config.get("plugins", "")).split(",") if m.strip()])
+    except registry.StrategyError as e:
+        raise ExperimentConfigError(str(e)) from None
+    valid = ", ".join(registry.registered(config.setting))
     names = [s.strip() for s in str(config.strategies).split(",") if s.strip()]
     if not names:
-        raise ExperimentConfigError(f"config.strategies is empty; valid strategies: {', '.join(valid)}")
-    unknown = [n for n in names if n not in valid and not n.startswith("olora_")]
+        raise ExperimentConfigError(f"config.strategies is empty; valid strategies: {valid}")
+    unknown = [n for n in names if not registry.is_registered(config.setting, n)]
     if unknown:
         raise ExperimentConfigError(
             f"config.strategies: unknown strategy {unknown[0]!r} for the {config.setting} setting; valid"
-            f" strategies: {', '.join(valid)}"
+            f" strategies: {valid}"
         )
     out = []
     for name in names:

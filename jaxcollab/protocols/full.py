@@ -8,34 +8,39 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
-from jaxcollab.protocols.runner import DataSpec, ModelHandle, Runner
-
-Strategy = Callable[[int], ModelHandle]
+from jaxcollab.protocols.lab import Lab
+from jaxcollab.protocols.registry import strategy
+from jaxcollab.protocols.runner import ModelHandle
 
 
-def strategies(runner: Runner, names: list[str]) -> dict[str, Strategy]:
-    """The named fully-collaborative strategies, built on `runner`."""
-    cfg = runner.config
+def joint(lab: Lab, method: str, j: int) -> ModelHandle:
+    data = lab.joint(j)
+    label = f"{method}-task1" if data.kind == "task" else f"joint_{method}-r{j}"
+    return lab.train(lab.base(), data, method, label=label)
 
-    def joint(method: str, j: int) -> ModelHandle:
-        data = DataSpec.joint(j, cfg.joint.duplication, cfg.seed)
-        label = f"{method}-task1" if data.kind == "task" else f"joint_{method}-r{j}"
-        return runner.fine_tune(runner.base(), data, method, label=label)
 
-    @functools.cache
-    def replay(method: str, j: int) -> ModelHandle:
-        data = DataSpec.replay(j, cfg.replay.w_hist, cfg.seed)
-        if j == 1:
-            return runner.fine_tune(runner.base(), data, method, label=f"{method}-task1")
-        return runner.fine_tune(replay(method, j - 1), data, method, label=f"replay_{method}-r{j}")
+def replay(lab: Lab, method: str, j: int) -> ModelHandle:
+    model = lab.train(lab.base(), lab.replay(1), method, label=f"{method}-task1")
+    for i in range(2, j + 1):
+        model = lab.train(model, lab.replay(i), method, label=f"replay_{method}-r{i}")
+    return model
 
-    table: dict[str, Strategy] = {
-        "joint_fft": lambda j: joint("fft", j),
-        "joint_lora": lambda j: joint("lora", j),
-        "replay_fft": lambda j: replay("fft", j),
-        "replay_lora": lambda j: replay("lora", j),
-    }
-    return {name: table[name] for name in names}
+
+@strategy("joint_fft", setting="full")
+def joint_fft(lab: Lab, j: int) -> ModelHandle:
+    return joint(lab, "fft", j)
+
+
+@strategy("joint_lora", setting="full")
+def joint_lora(lab: Lab, j: int) -> ModelHandle:
+    return joint(lab, "lora", j)
+
+
+@strategy("replay_fft", setting="full")
+def replay_fft(lab: Lab, j: int) -> ModelHandle:
+    return replay(lab, "fft", j)
+
+
+@strategy("replay_lora", setting="full")
+def replay_lora(lab: Lab, j: int) -> ModelHandle:
+    return replay(lab, "lora", j)

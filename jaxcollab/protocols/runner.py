@@ -103,9 +103,13 @@ class ModelHandle:
 class Runner:
     """Owns the workdir, the data, the base model and the caches; strategies are built on it."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, *, dry_run: bool = False):
+        """`dry_run`: asking for a model trains nothing; `plan` records what a run would train, resume, reuse
+        or compute, with the steps and tokens of each training."""
         self.config = config
         self.workdir = Path(workdir)
+        self.dry_run = dry_run
+        self.plan: dict[str, dict] = {}  # artifact key -> what the run does with it (filled in every run)
         self.writer = jax.process_index() == 0
         self.mesh = self._make_mesh()
         self.model_dir, self.model_identity = self._resolve_pretrained() if is_pretrained(config) else (None, {})
@@ -283,7 +287,8 @@ class Runner:
                 "old_task": self.config.eval.old_task, "data": _data_settings(self.config), "seed": self.config.seed}
         key = content_key("base", spec)
         path = self.workdir / "models" / key
-        if not (path / "config.json").is_file():
+        if not self._have(key, path / "config.json", "base", lambda: (self.old_task.examples("train"),
+                                                                      self.config.base_train, None)):
             self._train_base(key, path)
         self._base = ModelHandle(key, self.model_cfg, "base (pre-trained here)", self._load_full(path))
         return self._base
@@ -321,14 +326,15 @@ class Runner:
                              "previous": [h.key for h in previous]}
         name = label or f"{method}-r{data.round}"
         key = content_key(name, spec)
+        planned = lambda: (self.examples(data), settings, data)  # noqa: E731
         if method in ("fft", "router"):
             path = self.workdir / "models" / key
-            if not (path / "config.json").is_file():
+            if not self._have(key, path / "config.json", name, planned, method=method):
                 self._train_full(key, path, start, data, method, settings)
             cfg = start.cfg
             return ModelHandle(key, cfg, name, self._load_full_like(path, cfg), start=start)
         adapter_dir = self.workdir / "adapters" / key
-        if not (adapter_dir / lora_lib.ADAPTER_CONFIG).is_file():
+        if not self._have(key, adapter_dir / lora_lib.ADAPTER_CONFIG, name, planned, method=method):
             self._train_lora(key, adapter_dir, start, data, settings, olora if previous else None, previous)
         frozen_mode = bool(olora and previous and olora["mode"] == "frozen")
 
@@ -350,7 +356,32 @@ class Runner:
 
     def derived(self, label: str, recipe: dict, cfg: model_lib.LlamaConfig, build: Callable[[], dict]) -> ModelHandle:
         """A model computed from others (a merge, a mixture): rebuilt when needed, never stored."""
-        return ModelHandle(content_key(label, recipe), cfg, label, build)
+        key = content_key(label, recipe)
+        self.plan.setdefault(key, {"label": label, "action": "compute"})
+        return ModelHandle(key, cfg, label, build)
+
+    def _have(self, key: str, marker: Path, label: str, planned: Callable[[], tuple], method: str = "fft") -> bool:
+        """Whether the artifact `key` can be used as it is (its `marker` file exists, or this is a dry run).
+
+        Records in `plan` what the run does with it: reuse (made by an earlier run, said once), train or
+        resume (a dry run also counts its steps and tokens; `planned` gives its examples, settings, data).
+        """
+        if marker.is_file():
+            if key not in self.plan:
+                self.plan[key] = {"label": label, "action": "reuse"}
+                if not self.dry_run:
+                    tqdm.write(f"reusing {label}: {marker.parent}")
+            return True
+        if key in self.plan:
+            return self.dry_run
+        resume = (self.workdir / "runs" / key / "checkpoints").is_dir()
+        entry = {"label": label, "action": "resume" if resume else "train", "method": method}
+        if self.dry_run:
+            examples, settings, data = planned()
+            epochs, batches, steps, stats = self._schedule(examples, settings, data)
+            entry.update(steps=steps, epochs=epochs, examples=len(examples), tokens_per_epoch=stats.num_tokens)
+        self.plan[key] = entry
+        return self.dry_run
 
     def adapter(self, adapter_dir: Path) -> lora_lib.LoraAdapter:
         adapter, _ = lora_lib.load_peft(adapter_dir, self.model_cfg, params=self.params(self.base()))
@@ -377,13 +408,18 @@ class Runner:
             return float(settings.epochs)
         return float(TRACE_EPOCHS.get(self.tasks[data.round - 1].name, 1))
 
+    def _schedule(self, examples: Sequence[dict], settings: ml_collections.ConfigDict,
+                  data: DataSpec | None) -> tuple[float, int, int, data_lib.TokenizationStats]:
+        """(epochs, batches per epoch, steps, tokenization counts of one epoch) of a training."""
+        epochs = self._epochs(settings, data)
+        batches, stats = self._epoch_size(examples, self.config.seed + (data.round if data else 0))
+        return epochs, batches, max(1, round(epochs * max(batches, 1))), stats
+
     def _fit(self, key: str, variables: dict, mask: Any, examples: Sequence[dict],
              settings: ml_collections.ConfigDict, *, section: str, data: DataSpec | None = None, desc: str = "",
              cfg: model_lib.LlamaConfig | None = None, donate: bool = False, **extra: Any) -> dict:
         seed = self.config.seed + (data.round if data else 0)
-        epochs = self._epochs(settings, data)
-        batches, stats = self._epoch_size(examples, seed)
-        steps = max(1, round(epochs * max(batches, 1)))
+        epochs, batches, steps, stats = self._schedule(examples, settings, data)
         if settings.warmup_steps and settings.warmup_steps >= steps:
             raise ExperimentConfigError(
                 f"config.{section}.warmup_steps={settings.warmup_steps} but {desc or key} has only {steps} steps:"

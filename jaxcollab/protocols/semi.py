@@ -15,107 +15,108 @@ Each strategy maps a round j (1-based) to the model it has after that round:
   each ingredient's MLP an expert): a uniform average of all experts, or a noisy top-k router.
 - `moe_router`: `moe_noisy`'s mixture with its routers trained on round j's data only.
 
-Ingredients are trained once and shared by every strategy that uses them. Round 1 of every strategy is the
-ingredient of task 1: the sequential ones start from it, and the combining ones (averaging, TIES, DARE,
-mixtures) have nothing to combine yet (a top-k mixture cannot be built from one model).
+Each strategy is a function `(lab, j) -> ModelHandle` registered by name (`protocols.registry`); a user's
+module adds more the same way. Ingredients are trained once and shared by every strategy that uses them.
+Round 1 of every strategy is the ingredient of task 1: the sequential ones start from it, and the combining
+ones (averaging, TIES, DARE, mixtures) have nothing to combine yet (a top-k mixture cannot be built from
+one model).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
-import jax
-
-from jaxcollab import lora as lora_lib
-from jaxcollab import merging, moe
 from jaxcollab.protocols.config import olora_lambdas
-from jaxcollab.protocols.runner import DataSpec, ModelHandle, Runner
+from jaxcollab.protocols.lab import Lab, OLoraPenalty
+from jaxcollab.protocols.registry import strategy, strategy_family
+from jaxcollab.protocols.runner import ModelHandle
 
-Strategy = Callable[[int], ModelHandle]
+
+def ingredient(lab: Lab, method: str, i: int) -> ModelHandle:
+    """The base fine-tuned on task i alone (fft or lora): shared by every strategy that uses it."""
+    return lab.train(lab.base(), lab.task(i), method, label=f"{method}-task{i}")
 
 
-def strategies(runner: Runner, names: list[str]) -> dict[str, Strategy]:
-    """The named semi-collaborative strategies, built on `runner`."""
-    cfg = runner.config
-    base = runner.base
+def sequential(lab: Lab, method: str, j: int) -> ModelHandle:
+    model = ingredient(lab, method, 1)
+    for i in range(2, j + 1):
+        model = lab.train(model, lab.task(i), method, label=f"seq_{method}-r{i}")
+    return model
 
-    @functools.cache
-    def ingredient(method: str, i: int) -> ModelHandle:
-        return runner.fine_tune(base(), DataSpec.task(i), method, label=f"{method}-task{i}")
 
-    @functools.cache
-    def sequential(method: str, j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient(method, 1)
-        return runner.fine_tune(sequential(method, j - 1), DataSpec.task(j), method, label=f"seq_{method}-r{j}")
+@strategy("seq_fft", setting="semi")
+def seq_fft(lab: Lab, j: int) -> ModelHandle:
+    return sequential(lab, "fft", j)
 
-    @functools.cache
-    def olora(lam: float, j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient("lora", 1)
-        previous = [olora(lam, i) for i in range(1, j)]
-        mode = cfg.olora.mode
-        start = base() if mode == "frozen" else previous[-1]
-        spec = {"lambda": lam, "lambda2": cfg.olora.lambda2, "mode": mode, "previous": previous}
-        return runner.fine_tune(start, DataSpec.task(j), "lora", olora=spec, label=f"olora{lam:g}-r{j}")
 
-    def average(method: str, j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient(method, 1)
-        parts = [ingredient(method, i) for i in range(1, j + 1)]
-        return runner.derived(f"avg_{method}-r{j}", {"average": [p.key for p in parts]}, runner.model_cfg,
-                              lambda: merging.merge("average", None, [runner.params(p) for p in parts]))
+@strategy("seq_lora", setting="semi")
+def seq_lora(lab: Lab, j: int) -> ModelHandle:
+    return sequential(lab, "lora", j)
 
-    def lora_merge(method: str, j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient("lora", 1)
-        parts = [ingredient("lora", i) for i in range(1, j + 1)]
-        density, seed = cfg.merge.density, cfg.merge.seed
 
-        def build() -> dict:
-            adapters = [runner.adapter(p.adapter_dir) for p in parts]
-            merged = merging.merge_adapters(method, adapters, density=density, seed=seed)
-            return lora_lib.merge(runner.params(base()), merged)
+def olora(lab: Lab, lam: float, j: int) -> ModelHandle:
+    """Round j of sequential LoRA with o-LoRA's penalty at λ = `lam` against every earlier round."""
+    mode, lambda2 = lab.config.olora.mode, lab.config.olora.lambda2
+    models = [ingredient(lab, "lora", 1)]
+    for i in range(2, j + 1):
+        start = lab.base() if mode == "frozen" else models[-1]
+        penalty = OLoraPenalty(lam, lambda2, mode, tuple(models))
+        models.append(lab.train(start, lab.task(i), "lora", olora=penalty, label=f"olora{lam:g}-r{i}"))
+    return models[-1]
 
-        recipe = {"method": method, "adapters": [p.key for p in parts], "density": density, "seed": seed}
-        return runner.derived(f"{method}_lora-r{j}", recipe, runner.model_cfg, build)
 
-    def mixture(router: str, j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient("fft", 1)
-        parts = [ingredient("fft", i) for i in range(1, j + 1)]
-        top_k = min(cfg.moe.top_k, j)
-        recipe = {"router": router, "experts": [p.key for p in parts], "top_k": top_k, "seed": cfg.seed,
-                  "noise_std": cfg.moe.noise_std}
-        moe_cfg = runner.model_cfg.replace(num_experts=j, num_experts_per_tok=j if router == "gateless" else top_k)
+@strategy("olora", setting="semi")
+def olora_first_lambda(lab: Lab, j: int) -> ModelHandle:
+    return olora(lab, olora_lambdas(lab.config)[0], j)
 
-        def build() -> dict:
-            _, params = moe.mix(runner.model_cfg, runner.params(base()), [runner.params(p) for p in parts],
-                                router=router, top_k=top_k, key=jax.random.key(cfg.seed),
-                                noise_std=cfg.moe.noise_std)
-            return params
 
-        return runner.derived(f"moe_{router}-r{j}", recipe, moe_cfg, build)
+@strategy_family("olora_", setting="semi")
+def olora_at(suffix: str):
+    """`olora_<λ>`: o-LoRA at that λ (config.olora.lambdas with several values names one strategy per λ)."""
+    try:
+        lam = float(suffix)
+    except ValueError:
+        raise ValueError(f"olora_{suffix}: the suffix must be a number (λ), e.g. olora_0.1") from None
+    return lambda lab, j: olora(lab, lam, j)
 
-    def routed(j: int) -> ModelHandle:
-        if j == 1:
-            return ingredient("fft", 1)
-        return runner.fine_tune(mixture("noisy", j), DataSpec.task(j), "router", label=f"moe_router-r{j}")
 
-    table: dict[str, Strategy] = {
-        "seq_fft": lambda j: sequential("fft", j),
-        "seq_lora": lambda j: sequential("lora", j),
-        "avg_fft": lambda j: average("fft", j),
-        "avg_lora": lambda j: average("lora", j),
-        "ties_lora": lambda j: lora_merge("ties", j),
-        "dare_ties_lora": lambda j: lora_merge("dare_ties", j),
-        "moe_gateless": lambda j: mixture("gateless", j),
-        "moe_noisy": lambda j: mixture("noisy", j),
-        "moe_router": routed,
-    }
-    lambdas = olora_lambdas(cfg)
-    table["olora"] = lambda j: olora(lambdas[0], j)
-    for lam in lambdas:
-        table[f"olora_{lam:g}"] = functools.partial(olora, lam)
-    return {name: table[name] for name in names}
+def _combined(lab: Lab, method: str, j: int, label: str, combine) -> ModelHandle:
+    if j == 1:  # nothing to combine yet: round 1 is the first ingredient
+        return ingredient(lab, method, 1)
+    return combine([ingredient(lab, method, i) for i in range(1, j + 1)], f"{label}-r{j}")
+
+
+@strategy("avg_fft", setting="semi")
+def avg_fft(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "fft", j, "avg_fft", lab.average)
+
+
+@strategy("avg_lora", setting="semi")
+def avg_lora(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "lora", j, "avg_lora", lab.average)
+
+
+@strategy("ties_lora", setting="semi")
+def ties_lora(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "lora", j, "ties_lora", lambda parts, label: lab.merge_lora("ties", parts, label))
+
+
+@strategy("dare_ties_lora", setting="semi")
+def dare_ties_lora(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "lora", j, "dare_ties_lora",
+                     lambda parts, label: lab.merge_lora("dare_ties", parts, label))
+
+
+@strategy("moe_gateless", setting="semi")
+def moe_gateless(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "fft", j, "moe_gateless", lambda parts, label: lab.mix(parts, "gateless", label))
+
+
+@strategy("moe_noisy", setting="semi")
+def moe_noisy(lab: Lab, j: int) -> ModelHandle:
+    return _combined(lab, "fft", j, "moe_noisy", lambda parts, label: lab.mix(parts, "noisy", label))
+
+
+@strategy("moe_router", setting="semi")
+def moe_router(lab: Lab, j: int) -> ModelHandle:
+    if j == 1:
+        return ingredient(lab, "fft", 1)
+    return lab.train(moe_noisy(lab, j), lab.task(j), "router", label=f"moe_router-r{j}")
