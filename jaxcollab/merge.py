@@ -7,15 +7,16 @@ Two semantics (see jaxcollab.merging):
 
 --models: full task vectors, as mergekit. Each model's task vector (model - base) is merged tensor by
   tensor, file to file (jaxcollab.merge_checkpoints: memory stays at a few copies of the largest tensor),
-  and added back to the base. Methods: average (uniform or weighted mean of the models, the
-  paper's "Averaging"; --base optional), task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune.
+  and added back to the base. Methods: those of jaxcollab.merging.FULL_MODEL_METHODS (listed under
+  --method), among them average (uniform or weighted mean of the models, the paper's "Averaging"; --base
+  optional), ties, dare_ties and breadcrumbs.
 
 --adapters: LoRA factors merged separately, as PEFT's add_weighted_adapter (non-SVD path, what the paper
   used for TIES and DARE-TIES). PEFT LoRA adapters of --base are merged A with A and B with B, each
   weighted by sqrt(weight * scaling); the merged adapter is folded into the base and the result saved.
   Methods: linear, cat, ties, dare_linear, dare_ties, magnitude_prune.
 
-Weights default to 1.0 each, density to 0.2 (ties, dare_*, magnitude_prune). --dtype is the dtype the
+Weights default to 1.0 each, density to 0.2 (the sparsifying methods). --dtype is the dtype the
 models are loaded and saved in; merging itself accumulates in float32. --out is written atomically:
 on any error nothing is written there.
 """
@@ -32,15 +33,16 @@ from jaxcollab.cli import DTYPES, UsageError, check_input_dirs, check_output_dir
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("method", None, "Merge method. --models: average, task_arithmetic, ties, dare_linear, "
-                        "dare_ties, magnitude_prune. --adapters: linear, cat, ties, dare_linear, dare_ties, "
-                        "magnitude_prune.")
+    from jaxcollab.merging import ADAPTER_METHODS, METHODS, SPARSIFYING_METHODS
+
+    flags.DEFINE_string("method", None, f"Merge method. --models: {', '.join(METHODS)}. --adapters:"
+                        f" {', '.join(ADAPTER_METHODS)}.")
     flags.DEFINE_string("base", None, "Base model: a Hugging Face Llama directory.")
     flags.DEFINE_list("models", [], "Fine-tuned HF Llama directories (full task-vector merge, as mergekit).")
     flags.DEFINE_list("adapters", [], "PEFT LoRA adapter directories of --base (factors merged as PEFT).")
     flags.DEFINE_list("weights", [], "One weight per model or adapter (default 1.0 each).")
-    flags.DEFINE_float("density", None, "Fraction kept by ties, dare_* and magnitude_prune, in (0, 1] "
-                       "(default 0.2).")
+    flags.DEFINE_float("density", None, f"Fraction of each task vector kept by {', '.join(SPARSIFYING_METHODS)},"
+                       " in (0, 1] (default 0.2).")
     flags.DEFINE_integer("seed", 0, "Seed of DARE's random drop.")
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype to load and save the models in.")
     flags.DEFINE_enum("majority_sign_method", "total", ["total", "frequency"],

@@ -28,6 +28,7 @@ Two semantics, both offered and named:
    | `dare_linear`     | random, 1/density  | -                   | base + sum_i w_i tau_i               |
    | `dare_ties`       | random, 1/density  | on w_i tau_i        | base + sum m_i w_i tau_i (no divisor) |
    | `magnitude_prune` | top-k (k>=1)       | -                   | base + sum_i w_i tau_i               |
+   | `breadcrumbs`     | drop top gamma=1%, keep density below | -  | base + sum_i w_i tau_i               |
 
    `average` is the paper's "Averaging" (uniform mean of all parameters; mergekit's `linear`); with
    equal weights it equals task arithmetic with weights 1/n up to rounding. `normalize` overrides whether
@@ -85,14 +86,43 @@ import numpy as np
 from jaxcollab.lora import ALL_TARGETS, TARGET_PATHS, LoraAdapter
 from jaxcollab.trees import set_path
 
-METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-ADAPTER_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SPARSIFYING_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_METHODS = ("total", "frequency")
 DEFAULT_DENSITY = 0.2
 STACKED_KEY = "layers"
 
-Sparsify = Literal["magnitude", "random"] | None
+Sparsify = Literal["magnitude", "random", "outliers"] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FullModelMethod:
+    """A merge method on full task vectors: its steps, with mergekit's defaults (module docstring).
+
+    sparsify: None, "magnitude" (top-k), "random" (DARE) or "outliers" (Model Breadcrumbs: the `gamma`
+    fraction of largest magnitudes dropped, then the smallest, down to `density`). consensus: TIES's sign
+    election. normalize: divide by the (agreeing) weights unless the caller says otherwise. needs_base:
+    False only for `average`, which merges the models themselves.
+    """
+
+    sparsify: Sparsify = None
+    consensus: bool = False
+    normalize: bool = False
+    gamma: float = 0.0
+    needs_base: bool = True
+
+
+# The full-model methods. A new one is one entry here (and a reference test against mergekit).
+FULL_MODEL_METHODS: dict[str, FullModelMethod] = {
+    "average": FullModelMethod(normalize=True, needs_base=False),
+    "task_arithmetic": FullModelMethod(),
+    "ties": FullModelMethod("magnitude", consensus=True, normalize=True),
+    "dare_linear": FullModelMethod("random"),
+    "dare_ties": FullModelMethod("random", consensus=True),
+    "magnitude_prune": FullModelMethod("magnitude"),
+    "breadcrumbs": FullModelMethod("outliers", gamma=0.01),
+}
+METHODS = tuple(FULL_MODEL_METHODS)
+ADAPTER_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SPARSIFYING_METHODS = tuple(name for name, m in FULL_MODEL_METHODS.items() if m.sparsify)  # take --density
 Consensus = Literal["total", "frequency"] | None
 Divisor = Literal["weights", "count"] | None
 
@@ -105,12 +135,14 @@ class MergeError(ValueError):
 class MergeRecipe:
     """One point of the generalized task-arithmetic merge (see the module docstring).
 
-    sparsify: None, "magnitude" (top-k by |value| per tensor) or "random" (DARE: keep with probability
-    `density`, divide the kept by `density`). consensus: None or the sign election, "total" (sign of the
-    sum) or "frequency" (majority of signs). elect_on_weighted: elect and mask on w_i tau_i (mergekit) or
-    on tau_i (PEFT). divide_by: None (weighted sum), "weights" (sum of the weights of the agreeing entries,
-    or of all weights without consensus; mergekit's normalize) or "count" (number of agreeing entries;
-    PEFT's disjoint merge). keep_at_least_one: top-k keeps max(1, k) (mergekit) or k (PEFT) entries.
+    sparsify: None, "magnitude" (top-k by |value| per tensor), "random" (DARE: keep with probability
+    `density`, divide the kept by `density`) or "outliers" (Model Breadcrumbs: of the entries sorted by
+    |value|, keep int(density n) just below the top int(gamma n), fewer dropped at the top if needed).
+    consensus: None or the sign election, "total" (sign of the sum) or "frequency" (majority of signs).
+    elect_on_weighted: elect and mask on w_i tau_i (mergekit) or on tau_i (PEFT). divide_by: None
+    (weighted sum), "weights" (sum of the weights of the agreeing entries, or of all weights without
+    consensus; mergekit's normalize) or "count" (number of agreeing entries; PEFT's disjoint merge).
+    keep_at_least_one: top-k keeps max(1, k) (mergekit) or k (PEFT) entries.
     """
 
     sparsify: Sparsify = None
@@ -120,10 +152,11 @@ class MergeRecipe:
     divide_by: Divisor = None
     keep_at_least_one: bool = True
     scale: float = 1.0
+    gamma: float = 0.0  # "outliers": the fraction of largest magnitudes dropped first
 
     def __post_init__(self) -> None:
-        if self.sparsify not in (None, "magnitude", "random"):
-            raise MergeError(f"sparsify={self.sparsify!r}; choose None, 'magnitude' or 'random'")
+        if self.sparsify not in (None, "magnitude", "random", "outliers"):
+            raise MergeError(f"sparsify={self.sparsify!r}; choose None, 'magnitude', 'random' or 'outliers'")
         if self.consensus not in (None, *SIGN_METHODS):
             raise MergeError(f"consensus={self.consensus!r}; choose None, 'total' or 'frequency'")
         if self.divide_by not in (None, "weights", "count"):
@@ -232,6 +265,9 @@ def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, s
     # magnitude: keep the k largest |values| of the tensor (of every layer's slice of a stacked leaf)
     rows = tau.reshape(tau.shape[0] if stacked else 1, -1)
     size = rows.shape[1]
+    if recipe.sparsify == "outliers":
+        return jnp.where(_outliers_mask(rows, recipe.density, recipe.gamma), rows,
+                         jnp.zeros((), tau.dtype)).reshape(tau.shape)
     k = int(recipe.density * size)
     if recipe.keep_at_least_one:
         k = max(1, k)
@@ -240,6 +276,21 @@ def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, s
     if k == 0:
         return jnp.zeros_like(tau)
     return jnp.where(top_magnitude_mask(rows, k), rows, jnp.zeros((), tau.dtype)).reshape(tau.shape)
+
+
+def _outliers_mask(rows: jax.Array, density: float, gamma: float) -> jax.Array:
+    """Model Breadcrumbs' mask per row: in ascending order of |value|, ranks [bottom, bottom + kept), where
+    kept = int(density n), bottom = max(0, n - kept - int(gamma n)) (mergekit's `magnitude_outliers`)."""
+    size = rows.shape[1]
+    kept = int(density * size)
+    bottom = max(0, size - kept - int(gamma * size))
+
+    def top(k: int) -> jax.Array:  # the k largest |values| of each row, for any 0 <= k <= size
+        if k <= 0:
+            return jnp.zeros(rows.shape, bool)
+        return jnp.ones(rows.shape, bool) if k >= size else top_magnitude_mask(rows, k)
+
+    return top(size - bottom) & ~top(size - bottom - kept)
 
 
 _SAMPLE = 1 << 16  # entries per row whose order statistics bracket the k-th largest magnitude
@@ -390,14 +441,12 @@ def full_model_recipe(
     _check_method(method, METHODS, "merge")
     _check_sign_method(majority_sign_method)
     density = _check_density(DEFAULT_DENSITY if density is None else density)
-    sparsify: Sparsify = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random",
-                          "dare_ties": "random"}.get(method)
-    consensus: Consensus = majority_sign_method if method in ("ties", "dare_ties") else None
-    default_normalize = method in ("average", "ties")
-    divide = default_normalize if normalize is None else normalize
+    spec = FULL_MODEL_METHODS[method]
+    divide = spec.normalize if normalize is None else normalize
     return MergeRecipe(
-        sparsify=sparsify, density=density if sparsify else 1.0, consensus=consensus, elect_on_weighted=True,
-        divide_by="weights" if divide else None, keep_at_least_one=True, scale=float(scale),
+        sparsify=spec.sparsify, density=density if spec.sparsify else 1.0,
+        consensus=majority_sign_method if spec.consensus else None, elect_on_weighted=True,
+        divide_by="weights" if divide else None, keep_at_least_one=True, scale=float(scale), gamma=spec.gamma,
     )
 
 

@@ -50,16 +50,19 @@ def three_models(tmp_path_factory):
     return paths
 
 
-def test_ties_of_two_models_loads_in_transformers_and_equals_merging(three_models, tmp_path):
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_merge_of_two_models_loads_in_transformers_and_equals_merging(three_models, tmp_path, method):
+    """The file-to-file engine behind the command gives merging.merge's result (itself checked against
+    mergekit), for any method of the registry."""
     base, m1, m2 = three_models
     out = tmp_path / "merged"
-    result = run("--method=ties", f"--base={base}", f"--models={m1},{m2}", "--weights=1,0.5", "--density=0.3",
+    result = run(f"--method={method}", f"--base={base}", f"--models={m1},{m2}", "--weights=1,0.5", "--density=0.3",
                  f"--out={out}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("merged 2 models") and "ties" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("merged 2 models") and method in lines[0]
     cfg, base_params = model.load_hf(base)
-    expected = merging.merge("ties", base_params, [model.load_hf(p)[1] for p in (m1, m2)], weights=[1, 0.5],
+    expected = merging.merge(method, base_params, [model.load_hf(p)[1] for p in (m1, m2)], weights=[1, 0.5],
                              density=0.3)
     want = hf_state_dict(expected, cfg.num_layers)
     got = torch_state_dict(out)

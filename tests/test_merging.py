@@ -1,5 +1,6 @@
 """Model merging: hand-computed cases, properties, parity with mergekit (full models) and PEFT (LoRA factors)."""
 
+import dataclasses
 import warnings
 import zlib
 from pathlib import Path
@@ -102,6 +103,23 @@ def test_dare_at_density_one_by_hand():
     #   idx0: 3; idx1: -1 - 1.25 = -2.25; idx2: 2 + .5; idx3: .5 + .25; idx4: -4; idx5: 0
     close(merging.merge("dare_ties", BASE, [M1, M2], weights=[1, 0.5], density=1.0)["w"],
           1 + np.array([3, -2.25, 2.5, 0.75, -4, 0]))
+
+
+def test_breadcrumbs_by_hand():
+    """Of 20 entries sorted by |value|, density 0.5 and gamma 0.1 keep ranks 8..17: the 2 largest and the
+    8 smallest are dropped; with density 0.95 only int(0.95 * 20) = 19 are kept, so 1 is dropped at the top
+    and none at the bottom."""
+    tau = np.array([(-1) ** i * (i + 1) for i in range(20)], np.float32)[np.random.default_rng(0).permutation(20)]
+    base = {"w": jnp.zeros(20)}
+    ranks = np.argsort(np.argsort(np.abs(tau)))  # 0 = the smallest |value|
+    got = np.asarray(merging.merge("breadcrumbs", base, [{"w": jnp.asarray(tau)}], density=0.5)["w"])
+    np.testing.assert_array_equal(got, np.where(ranks >= 10, tau, 0))  # default gamma: int(0.01 * 20) = 0
+    recipe = dataclasses.replace(merging.full_model_recipe("breadcrumbs", 0.5), gamma=0.1)
+    out = np.asarray(merging.merge_leaves(recipe, jnp.zeros(20), [jnp.asarray(tau)], [1.0], jax.random.key(0)))
+    np.testing.assert_array_equal(out, np.where((ranks >= 8) & (ranks < 18), tau, 0))
+    recipe = dataclasses.replace(merging.full_model_recipe("breadcrumbs", 0.95), gamma=0.1)
+    out = np.asarray(merging.merge_leaves(recipe, jnp.zeros(20), [jnp.asarray(tau)], [1.0], jax.random.key(0)))
+    np.testing.assert_array_equal(out, np.where(ranks < 19, tau, 0))
 
 
 def test_dare_keeps_or_rescales_each_entry():
@@ -420,12 +438,13 @@ def mergekit_merge(out: Path, method: str, base: Path, models, weights, density=
         params = {"weight": weight}
         if density is not None:
             params["density"] = density
-        if method == "breadcrumbs":
-            params["gamma"] = 0.0
+        if "gamma" in global_params:  # a per-model parameter in mergekit
+            params["gamma"] = global_params["gamma"]
         entries.append({"model": str(path), "parameters": params})
     config = {"merge_method": method, "models": entries, "dtype": "float32"}
     if base is not None:
         config["base_model"] = str(base)
+    global_params = {k: v for k, v in global_params.items() if k != "gamma"}
     if global_params:
         config["parameters"] = global_params
     run_merge(MergeConfiguration.model_validate(config), str(out),
@@ -442,7 +461,9 @@ MERGEKIT_CASES = [
     ("task_arithmetic", "task_arithmetic", [1.0, 1.0, 1.0], None, {}, {}),
     ("average", "linear", [1.0, 1.0, 1.0], None, {}, {}),
     ("average", "linear", [2.0, 1.0], None, {}, {}),
-    ("magnitude_prune", "breadcrumbs", [1.0, 0.6], 0.3, {}, {}),
+    ("magnitude_prune", "breadcrumbs", [1.0, 0.6], 0.3, {}, {"gamma": 0.0}),
+    ("breadcrumbs", "breadcrumbs", [1.0, 0.6], 0.3, {}, {}),  # mergekit's default gamma 0.01
+    ("breadcrumbs", "breadcrumbs", [0.8, 0.5, 1.0], 0.95, {}, {}),  # fewer dropped at the top to keep 95%
     ("dare_ties", "dare_ties", [1.0, 0.5], 1.0, {}, {}),  # density 1: DARE's deterministic part
     ("dare_linear", "dare_linear", [1.0, 0.5, 0.8], 1.0, {}, {}),
 ]
