@@ -135,7 +135,7 @@ class OursTrain:
         cfg, train, chunk = self.cfg, self.train, self.tcfg.loss_chunk
 
         def loss(trainable: Any, frozen: Any, batch: dict) -> Any:
-            variables = train.combine(trainable, frozen)
+            variables = train.join(trainable, frozen)
             params, tokens, adapter = variables["params"], batch["tokens"], variables.get("lora")
             if chunk:
                 total, count = chunked_token_cross_entropy(

@@ -9,12 +9,12 @@ tree for the targeted linear modules, stacked over layers like the scanned model
 A and B are stored in PEFT's orientation (A: r x d_in, B: d_out x r), so files map one to one.
 `scaling` (alpha/r, or alpha/sqrt(r) with rsLoRA) and `dropout` are static (pytree metadata): gradients
 and optimizers see only the factors. `model.forward(cfg, params, tokens, lora=adapter)` computes
-`x W + scaling * dropout(x) A^T B^T` without forming `W + BA`; `merge` folds an adapter into the weights.
+`x W + scaling * dropout(x) A^T B^T` without forming `W + BA`; `fold` folds an adapter into the weights.
 
 o-LoRA (the paper's variant of O-LoRA): each round trains a new adapter with the penalty
 `lambda * sum_targets sum_jk |A_new A_prev^T|_jk`, where `A_prev` stacks the A matrices of all earlier
 rounds ("the A bank"). In `merged` mode earlier adapters are merged into the weights and only their A
-is kept; in `frozen` mode (original O-LoRA) they stay as frozen overlays (`combine`) and the loss also
+is kept; in `frozen` mode (original O-LoRA) they stay as frozen overlays (`concatenate`) and the loss also
 gets `lambda2 * sum ||new factor||_2`.
 """
 
@@ -242,7 +242,7 @@ def delta(adapter: LoraAdapter, target: str) -> jax.Array:
 
 
 @jax.jit
-def _merge_jit(params: dict, adapter: LoraAdapter) -> dict:
+def _fold_jit(params: dict, adapter: LoraAdapter) -> dict:
     merged = jax.tree.map(lambda x: x, params)
     for target in adapter.targets:
         path = (*TARGET_PATHS[target], "kernel")
@@ -251,27 +251,27 @@ def _merge_jit(params: dict, adapter: LoraAdapter) -> dict:
     return merged
 
 
-def merge(params: dict, adapter: LoraAdapter, lora_cfg: LoraConfig | None = None) -> dict:
+def fold(params: dict, adapter: LoraAdapter, lora_cfg: LoraConfig | None = None) -> dict:
     """New params with the adapter folded in (`W + scaling * BA`), computed in fp32 and cast back.
 
     Shardings of the parameters are kept. `lora_cfg`, when given, must agree with the adapter's scaling.
     """
     if lora_cfg is not None and not math.isclose(lora_cfg.scaling, adapter.scaling, rel_tol=1e-9):
         raise LoraError(f"adapter scaling {adapter.scaling} differs from the config's {lora_cfg.scaling}")
-    merged = _merge_jit(params, adapter)
+    merged = _fold_jit(params, adapter)
     return jax.tree.map(
         lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new, merged, params
     )
 
 
-def combine(adapters: Sequence[LoraAdapter]) -> LoraAdapter:
+def concatenate(adapters: Sequence[LoraAdapter]) -> LoraAdapter:
     """One adapter equivalent to applying several side by side (ranks concatenated).
 
     Each adapter's scaling is folded into its B, so adapters with different scalings combine exactly
     (without dropout: one dropout mask is shared by the concatenated factors).
     """
     if not adapters:
-        raise LoraError("combine needs at least one adapter")
+        raise LoraError("concatenate needs at least one adapter")
     if len(adapters) == 1:
         return adapters[0]
     targets = sorted({t for a in adapters for t in a.targets}, key=ALL_TARGETS.index)

@@ -133,7 +133,7 @@ def run(args: MergeArgs) -> str:
         adapters = [lora.load_peft(path, cfg, dtype=jnp.float32, params=base)[0] for path in args.adapters]
         combined = merging.merge_adapters(args.method, adapters, weights=args.weights, density=args.density,
                                           seed=args.seed, majority_sign_method=args.majority_sign_method)
-        model.save_hf(cfg, lora.merge(base, combined), args.out, dtype=dtype, overwrite=args.overwrite)
+        model.save_hf(cfg, lora.fold(base, combined), args.out, dtype=dtype, overwrite=args.overwrite)
         what = "adapters (LoRA factors, as PEFT)"
     details = [f"weights {list(args.weights) if args.weights else [1.0] * len(inputs)}"]
     if args.method in merging.SPARSIFYING_METHODS:

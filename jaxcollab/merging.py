@@ -56,7 +56,7 @@ Two semantics, both offered and named:
    rank except for `cat` (whose rank is the sum, zero-padded where an adapter lacks a target), and a
    single adapter is always combined with `linear`. The result is not the merge of the task vectors
    `s B A` (the product of merged factors has cross terms); that is semantics 1 applied to
-   `lora.merge(base, adapter)` for each adapter.
+   `lora.fold(base, adapter)` for each adapter.
 
 Density defaults to `DEFAULT_DENSITY` = 0.2 for the sparsifying methods (TIES's k = 20%, the paper's
 setting via PEFT); density >= 1 skips sparsification as in both libraries. Parameters stacked over
@@ -572,7 +572,7 @@ def merge_adapters(
     method: one of `ADAPTER_METHODS` (PEFT's combination types). Per target module, the A factors of the
     adapters having it are merged with weights sign(w s) sqrt(|w s|), the B factors with sqrt(|w s|)
     (`cat`: A_i w_i s_i and B_i concatenated). Returns an adapter with scaling 1.0 (lora_alpha = r), to be
-    applied with `jaxcollab.lora.merge(params, adapter)` or saved with `LoraConfig(rank=r, alpha=r)`.
+    applied with `jaxcollab.lora.fold(params, adapter)` or saved with `LoraConfig(rank=r, alpha=r)`.
     weights default to 1.0 each; density to `DEFAULT_DENSITY`; seed is an int or key for DARE.
     """
     _check_method(method, ADAPTER_METHODS, "adapter merge")

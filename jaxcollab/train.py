@@ -134,7 +134,7 @@ def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
     return trainable, frozen
 
 
-def combine(trainable: Any, frozen: Any) -> Any:
+def join(trainable: Any, frozen: Any) -> Any:
     """Inverse of `partition`."""
     return jax.tree.map(
         lambda t, f: f if isinstance(t, optax.MaskedNode) else t, trainable, frozen,
@@ -195,7 +195,7 @@ def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Arr
 
 def _overlay(variables: dict) -> lora_lib.LoraAdapter | None:
     adapters = [variables[k] for k in ("frozen_lora", "lora") if variables.get(k) is not None]
-    return lora_lib.combine(adapters) if adapters else None
+    return lora_lib.concatenate(adapters) if adapters else None
 
 
 def _penalty(cfg: TrainConfig, variables: dict) -> jax.Array:
@@ -220,7 +220,7 @@ def make_gradients(
     n_micro = cfg.grad_accum_steps
 
     def objective(trainable: Any, frozen: Any, batch: dict, key: jax.Array, denom: jax.Array) -> tuple:
-        variables = combine(trainable, frozen)
+        variables = join(trainable, frozen)
         adapter = _overlay(variables)
         use_dropout = adapter is not None and adapter.dropout > 0
         kwargs = dict(lora=adapter, segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
@@ -266,7 +266,7 @@ def make_gradients(
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
             (grads, ce_sum, router_loss), _ = jax.lax.scan(accumulate, init, (jnp.arange(n_micro), micro))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-        penalty, penalty_grads = jax.value_and_grad(lambda t: _penalty(cfg, combine(t, frozen)))(trainable)
+        penalty, penalty_grads = jax.value_and_grad(lambda t: _penalty(cfg, join(t, frozen)))(trainable)
         grads = jax.tree.map(jnp.add, grads, penalty_grads)
         metrics = {"loss": ce_sum / denom, "penalty": penalty, "answer_tokens": n_tokens}
         if model_cfg.is_moe:
@@ -430,7 +430,7 @@ class Trainer:
 
     def variables(self) -> dict:
         """The full variable tree (trained and frozen leaves) as of now."""
-        return combine(self.state.trainable, self.frozen)
+        return join(self.state.trainable, self.frozen)
 
     # --------------------------------------------------------------------------------------------- loop
     def fit(self, batches: Iterator[dict], num_steps: int | None = None, desc: str = "train") -> dict:

@@ -123,7 +123,7 @@ def test_greedy_with_lora_equals_merged_weights(tiny):
     adapter = adapter.replace(weights=jax.tree.map(lambda x: x + 0.2, adapter.weights))
     prompts = random_prompts([6, 10, 3], seed=2)
     overlay = generate.greedy(cfg, params, prompts, max_new_tokens=10, lora=adapter)
-    merged = generate.greedy(cfg, lora.merge(params, adapter), prompts, max_new_tokens=10)
+    merged = generate.greedy(cfg, lora.fold(params, adapter), prompts, max_new_tokens=10)
     assert overlay == merged
     assert overlay != generate.greedy(cfg, params, prompts, max_new_tokens=10)
 

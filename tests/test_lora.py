@@ -43,7 +43,7 @@ def test_overlay_equals_merge_then_forward(tiny, use_rslora):
     assert adapter.scaling == (8.0 / 2.0 if use_rslora else 2.0)
     x = tokens()
     overlay = model.forward(cfg, params, x, lora=adapter)
-    merged = model.forward(cfg, lora.merge(params, adapter, lcfg), x)
+    merged = model.forward(cfg, lora.fold(params, adapter, lcfg), x)
     plain = model.forward(cfg, params, x)
     assert rel_err(overlay, merged) <= 1e-5
     assert rel_err(overlay, plain) > 1e-2  # the adapter really changes the model
@@ -71,7 +71,7 @@ def test_merge_keeps_dtype_and_computes_in_fp32(tiny):
     path, _, _, _ = tiny
     cfg, params = model.load_hf(path, dtype=jnp.bfloat16)
     adapter = randomized(lora.init(lora.LoraConfig(rank=4), cfg, params, jax.random.key(0)))
-    merged = lora.merge(params, adapter)
+    merged = lora.fold(params, adapter)
     kernel = merged["layers"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.dtype == jnp.bfloat16
     a, b = adapter.factors("q_proj")
@@ -173,10 +173,10 @@ def test_combine_equals_sum_of_overlays(tiny):
                               jax.random.key(0)), seed=1)
     a2 = randomized(lora.init(lora.LoraConfig(rank=3, alpha=9.0, target_modules=("q_proj", "up_proj")), cfg,
                               params, jax.random.key(1)), seed=2)
-    both = lora.combine([a1, a2])
+    both = lora.concatenate([a1, a2])
     assert both.factors("q_proj")[0].shape[1] == 5 and both.scaling == 1.0
     x = tokens()
-    sequential = lora.merge(lora.merge(params, a1), a2)
+    sequential = lora.fold(lora.fold(params, a1), a2)
     assert rel_err(model.forward(cfg, params, x, lora=both), model.forward(cfg, sequential, x)) <= 1e-5
 
 

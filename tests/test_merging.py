@@ -582,7 +582,7 @@ def test_adapter_merge_equals_peft(peft_setup, method, n, weights, density, sign
     adapters = [lora.load_peft(d, cfg)[0] for d in adapter_dirs[:n]]
     merged_adapter = merging.merge_adapters(method, adapters, weights=weights, density=density,
                                             majority_sign_method=sign)
-    ours = hf_state_dict(lora.merge(params, merged_adapter), cfg.num_layers)
+    ours = hf_state_dict(lora.fold(params, merged_adapter), cfg.num_layers)
     base = hf_state_dict(params, cfg.num_layers)
     assert set(ours) == set(reference)
     changed = 0
@@ -600,8 +600,8 @@ def test_adapter_semantics_differ_from_task_vector_semantics(peft_setup):
     base_path, adapter_dirs = peft_setup
     cfg, params = model.load_hf(base_path)
     adapters = [lora.load_peft(d, cfg)[0] for d in adapter_dirs[:2]]
-    factor_wise = lora.merge(params, merging.merge_adapters("linear", adapters))
-    task_vectors = merging.merge("task_arithmetic", params, [lora.merge(params, a) for a in adapters])
+    factor_wise = lora.fold(params, merging.merge_adapters("linear", adapters))
+    task_vectors = merging.merge("task_arithmetic", params, [lora.fold(params, a) for a in adapters])
     exact = params["layers"]["self_attn"]["q_proj"]["kernel"] + sum(lora.delta(a, "q_proj") for a in adapters)
     assert rel_err(task_vectors["layers"]["self_attn"]["q_proj"]["kernel"], exact) <= 1e-6
     assert rel_err(factor_wise["layers"]["self_attn"]["q_proj"]["kernel"], exact) > 1e-2

@@ -169,7 +169,7 @@ def test_olora_penalty_falls_while_the_task_is_learned(tmp_path):
     cfg = train.TrainConfig(learning_rate=1e-2, num_steps=60, progress=False)
     first = train.Trainer(TINY, cfg, first, train.lora_mask(first)).fit(sampler(tokens, mask))
     bank = lora.extend_a_bank(None, first["lora"])
-    merged = lora.merge(base, first["lora"])
+    merged = lora.fold(base, first["lora"])
 
     tokens2, mask2 = lookup_task(seed=1)
     second = {**lora_variables(merged, rank=4, key=2), "a_bank": bank}
@@ -323,4 +323,4 @@ def test_masked_node_partition_round_trips():
     variables = lora_variables(params)
     trainable, frozen = train.partition(variables, train.lora_mask(variables))
     assert isinstance(trainable["params"]["norm"]["scale"], optax.MaskedNode)
-    assert jax.tree.structure(train.combine(trainable, frozen)) == jax.tree.structure(variables)
+    assert jax.tree.structure(train.join(trainable, frozen)) == jax.tree.structure(variables)

@@ -508,7 +508,7 @@ def forward(
 ) -> Array:
     """Logits float32 [B, T, V] for int32 tokens [B, T].
 
-    lora: a `jaxcollab.lora.LoraAdapter` applied as an overlay (combine several with `lora.combine`).
+    lora: a `jaxcollab.lora.LoraAdapter` applied as an overlay (combine several with `lora.concatenate`).
     attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
     segment_ids: [B, T], packed sequences; tokens attend only within their segment.
     positions: [B, T] RoPE positions; by default derived from the two masks (see `default_positions`).

@@ -98,7 +98,7 @@ class Lab:
         def build() -> dict:
             adapters = [runner.adapter(m.adapter_dir) for m in models]
             merged = merging.merge_adapters(method, adapters, density=density, seed=seed)
-            return lora_lib.merge(runner.params(runner.base()), merged)
+            return lora_lib.fold(runner.params(runner.base()), merged)
 
         recipe = {"method": method, "adapters": [m.key for m in models], "density": density, "seed": seed}
         return runner.derived(label, recipe, runner.model_cfg, build)

@@ -342,8 +342,8 @@ class Runner:
             adapter = self.adapter(adapter_dir)
             if frozen_mode:  # start is the base; every earlier adapter is applied too
                 adapters = [self.adapter(h.adapter_dir) for h in previous] + [adapter]
-                return lora_lib.merge(self.params(start), lora_lib.combine(adapters))
-            return lora_lib.merge(self.params(start), adapter)
+                return lora_lib.fold(self.params(start), lora_lib.concatenate(adapters))
+            return lora_lib.fold(self.params(start), adapter)
 
         return ModelHandle(key, start.cfg, name, build, start=start, adapter_dir=adapter_dir)
 
@@ -476,7 +476,7 @@ class Runner:
                 bank = lora_lib.extend_a_bank(bank, adapter)
             variables["a_bank"] = bank
             if frozen_mode:
-                variables["frozen_lora"] = lora_lib.combine(earlier)
+                variables["frozen_lora"] = lora_lib.concatenate(earlier)
             extra = {"olora_lambda": olora["lambda"], "olora_lambda2": olora.get("lambda2", 0.0)}
         out = self._fit(key, variables, train_lib.lora_mask(variables), self.examples(data), settings,
                         section="lora", data=data, desc=key, **extra)
