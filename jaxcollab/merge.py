@@ -9,7 +9,7 @@ Two semantics (see jaxcollab.merging):
   tensor, file to file (jaxcollab.merge_checkpoints: memory stays at a few copies of the largest tensor),
   and added back to the base. Methods: those of jaxcollab.merging.FULL_MODEL_METHODS (listed under
   --method), among them average (uniform or weighted mean of the models, the paper's "Averaging"; --base
-  optional), ties, dare_ties and breadcrumbs.
+  optional), ties, dare_ties, breadcrumbs and della.
 
 --adapters: LoRA factors merged separately, as PEFT's add_weighted_adapter (non-SVD path, what the paper
   used for TIES and DARE-TIES). PEFT LoRA adapters of --base are merged A with A and B with B, each
@@ -33,7 +33,7 @@ from jaxcollab.cli import DTYPES, UsageError, check_input_dirs, check_output_dir
 
 
 def _define_flags() -> None:
-    from jaxcollab.merging import ADAPTER_METHODS, METHODS, SPARSIFYING_METHODS
+    from jaxcollab.merging import ADAPTER_METHODS, METHODS, RANDOM_METHODS, SPARSIFYING_METHODS
 
     flags.DEFINE_string("method", None, f"Merge method. --models: {', '.join(METHODS)}. --adapters:"
                         f" {', '.join(ADAPTER_METHODS)}.")
@@ -43,7 +43,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("weights", [], "One weight per model or adapter (default 1.0 each).")
     flags.DEFINE_float("density", None, f"Fraction of each task vector kept by {', '.join(SPARSIFYING_METHODS)},"
                        " in (0, 1] (default 0.2).")
-    flags.DEFINE_integer("seed", 0, "Seed of DARE's random drop.")
+    flags.DEFINE_integer("seed", 0, f"Seed of the random draws of {', '.join(RANDOM_METHODS)}.")
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "dtype to load and save the models in.")
     flags.DEFINE_enum("majority_sign_method", "total", ["total", "frequency"],
                       "TIES sign election: sign of the sum (total) or majority of signs (frequency).")
@@ -138,7 +138,7 @@ def run(args: MergeArgs) -> str:
     details = [f"weights {list(args.weights) if args.weights else [1.0] * len(inputs)}"]
     if args.method in merging.SPARSIFYING_METHODS:
         details.append(f"density {args.density if args.density is not None else merging.DEFAULT_DENSITY}")
-    if args.method.startswith("dare"):
+    if args.method in merging.RANDOM_METHODS:
         details.append(f"seed {args.seed}")
     return (f"merged {len(inputs)} {what} with {args.method} ({', '.join(details)}) onto "
             f"{args.base or args.models[0]} -> {args.out} ({args.dtype}, {time.time() - start:.1f}s)")

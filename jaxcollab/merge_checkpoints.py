@@ -110,9 +110,11 @@ def merge_checkpoints(
         return jnp.asarray(ckpt.read(name, ()).reshape(-1), dtype=np_dtype)
 
     def merged_tensor(name: str) -> np.ndarray:
+        shape = shapes[name]
         merged = merging.merge_leaves(
             recipe, read(base_ckpt, name) if base_ckpt is not None else None,
-            [read(ckpt, name) for ckpt in model_ckpts], weight_list, merging.leaf_key(key, name))
+            [read(ckpt, name) for ckpt in model_ckpts], weight_list, merging.leaf_key(key, name),
+            rows=merging.Rows(shape[-1] if shape else 1))  # HF tensors: rows along the last axis
         bar.update(1)
         return np.asarray(merged).reshape(shapes[name])
 

@@ -29,6 +29,12 @@ Two semantics, both offered and named:
    | `dare_ties`       | random, 1/density  | on w_i tau_i        | base + sum m_i w_i tau_i (no divisor) |
    | `magnitude_prune` | top-k (k>=1)       | -                   | base + sum_i w_i tau_i               |
    | `breadcrumbs`     | drop top gamma=1%, keep density below | -  | base + sum_i w_i tau_i               |
+   | `della`           | per row, p by rank, L1 kept | on w_i tau_i | base + sum m_i w_i tau_i / sum m_i w_i |
+
+   `della` (DELLA's MagPrune) keeps each entry with probability density - 0.15 for the smallest
+   magnitude of its row up to density + 0.15 for the largest, then rescales the kept entries so each tensor
+   keeps its L1 norm (mergekit's convention; DELLA's paper divides by each entry's probability). Rows are
+   the Hugging Face tensor's rows, so for kernels, stored transposed here, they are columns (`leaf_rows`).
 
    `average` is the paper's "Averaging" (uniform mean of all parameters; mergekit's `linear`); with
    equal weights it equals task arithmetic with weights 1/n up to rounding. `normalize` overrides whether
@@ -90,15 +96,17 @@ SIGN_METHODS = ("total", "frequency")
 DEFAULT_DENSITY = 0.2
 STACKED_KEY = "layers"
 
-Sparsify = Literal["magnitude", "random", "outliers"] | None
+Sparsify = Literal["magnitude", "random", "outliers", "della"] | None
 
 
 @dataclasses.dataclass(frozen=True)
 class FullModelMethod:
     """A merge method on full task vectors: its steps, with mergekit's defaults (module docstring).
 
-    sparsify: None, "magnitude" (top-k), "random" (DARE) or "outliers" (Model Breadcrumbs: the `gamma`
-    fraction of largest magnitudes dropped, then the smallest, down to `density`). consensus: TIES's sign
+    sparsify: None, "magnitude" (top-k), "random" (DARE), "outliers" (Model Breadcrumbs: the `gamma`
+    fraction of largest magnitudes dropped, then the smallest, down to `density`) or "della" (DELLA's
+    MagPrune: in each row of the tensor, entry kept with probability density - epsilon .. density + epsilon
+    rising with its magnitude's rank; the kept rescaled to the tensor's L1 norm). consensus: TIES's sign
     election. normalize: divide by the (agreeing) weights unless the caller says otherwise. needs_base:
     False only for `average`, which merges the models themselves.
     """
@@ -107,6 +115,7 @@ class FullModelMethod:
     consensus: bool = False
     normalize: bool = False
     gamma: float = 0.0
+    epsilon: float = 0.0
     needs_base: bool = True
 
 
@@ -119,10 +128,12 @@ FULL_MODEL_METHODS: dict[str, FullModelMethod] = {
     "dare_ties": FullModelMethod("random", consensus=True),
     "magnitude_prune": FullModelMethod("magnitude"),
     "breadcrumbs": FullModelMethod("outliers", gamma=0.01),
+    "della": FullModelMethod("della", consensus=True, normalize=True, epsilon=0.15),
 }
 METHODS = tuple(FULL_MODEL_METHODS)
 ADAPTER_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SPARSIFYING_METHODS = tuple(name for name, m in FULL_MODEL_METHODS.items() if m.sparsify)  # take --density
+RANDOM_METHODS = tuple(name for name, m in FULL_MODEL_METHODS.items() if m.sparsify in ("random", "della"))
 Consensus = Literal["total", "frequency"] | None
 Divisor = Literal["weights", "count"] | None
 
@@ -153,10 +164,16 @@ class MergeRecipe:
     keep_at_least_one: bool = True
     scale: float = 1.0
     gamma: float = 0.0  # "outliers": the fraction of largest magnitudes dropped first
+    epsilon: float = 0.0  # "della": keep probabilities span density - epsilon .. density + epsilon
 
     def __post_init__(self) -> None:
-        if self.sparsify not in (None, "magnitude", "random", "outliers"):
-            raise MergeError(f"sparsify={self.sparsify!r}; choose None, 'magnitude', 'random' or 'outliers'")
+        if self.sparsify not in (None, "magnitude", "random", "outliers", "della"):
+            raise MergeError(f"sparsify={self.sparsify!r}; choose None, 'magnitude', 'random', 'outliers' or"
+                             " 'della'")
+        if self.sparsify == "della" and self.density < 1.0 and not (
+                self.density - self.epsilon > 0.0 and self.density + self.epsilon < 1.0):
+            raise MergeError(f"della needs density - epsilon and density + epsilon in (0, 1); got density"
+                             f" {self.density} and epsilon {self.epsilon}")
         if self.consensus not in (None, *SIGN_METHODS):
             raise MergeError(f"consensus={self.consensus!r}; choose None, 'total' or 'frequency'")
         if self.divide_by not in (None, "weights", "count"):
@@ -255,13 +272,62 @@ def _accumulation_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, stacked: bool) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Where a tensor's rows lie, for methods that work row by row (della): rows of `length` entries
+    along the last axis, or along the second-to-last when `transposed` (a Flax kernel [in, out] holds the
+    rows [out, in] of the Hugging Face tensor in its columns)."""
+
+    length: int
+    transposed: bool = False
+
+
+def leaf_rows(path_name: str, shape: tuple[int, ...]) -> Rows:
+    """The Hugging Face rows of a parameter of jaxcollab's tree: kernels are stored transposed."""
+    if path_name.split("/")[-1] == "kernel" and len(shape) >= 2:
+        return Rows(shape[-2], transposed=True)
+    return Rows(shape[-1] if shape else 1)
+
+
+def della_keep_probabilities(rows: jax.Array, density: float, epsilon: float) -> jax.Array:
+    """DELLA's MagPrune probabilities for `rows` [n, size]: density - epsilon for the smallest magnitude of a
+    row up to density + epsilon for the largest, linear in the rank (mergekit's `della_magprune`)."""
+    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1), axis=1).astype(jnp.float32) + 1
+    low, high = jnp.min(ranks, axis=1, keepdims=True), jnp.max(ranks, axis=1, keepdims=True)
+    rank_norm = jnp.clip((ranks - low) / jnp.maximum(high - low, 1.0), 0.0, 1.0)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def _keep(key: jax.Array, probabilities: jax.Array) -> jax.Array:
+    return jax.random.bernoulli(key, probabilities)
+
+
+def _della(tau: jax.Array, recipe: MergeRecipe, key: jax.Array, stacked: bool, rows: Rows) -> jax.Array:
+    """DELLA's MagPrune on one task tensor (each layer slice of a stacked leaf is one tensor): entries kept
+    with their rank's probability, the kept rescaled so each tensor keeps its L1 norm (mergekit)."""
+    view = jnp.swapaxes(tau, -1, -2) if rows.transposed else tau
+    flat = view.reshape(-1, rows.length)
+    probabilities = della_keep_probabilities(flat.astype(jnp.float32), recipe.density, recipe.epsilon)
+    kept = jnp.where(_keep(key, probabilities), flat, jnp.zeros((), tau.dtype)).reshape(view.shape)
+    kept = jnp.swapaxes(kept, -1, -2) if rows.transposed else kept
+    tensors = tau.shape[0] if stacked else 1
+    before = jnp.sum(jnp.abs(tau.reshape(tensors, -1)), axis=1)
+    after = jnp.sum(jnp.abs(kept.reshape(tensors, -1)), axis=1)
+    eps = 1e-7
+    factor = jnp.where((before < eps) | (after < eps), 1.0, before / jnp.where(after < eps, 1.0, after))
+    return (kept.reshape(tensors, -1) * factor[:, None].astype(tau.dtype)).reshape(tau.shape)
+
+
+def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, stacked: bool,
+              rows: Rows | None) -> jax.Array:
     """Model `index`'s task tensor, sparsified as a whole (or layer slice by layer slice when `stacked`)."""
     if recipe.sparsify is None or recipe.density >= 1.0:
         return tau
     if recipe.sparsify == "random":
         keep = jax.random.bernoulli(jax.random.fold_in(key, index), recipe.density, tau.shape)
         return jnp.where(keep, tau / jnp.asarray(recipe.density, tau.dtype), jnp.zeros((), tau.dtype))
+    if recipe.sparsify == "della":
+        return _della(tau, recipe, jax.random.fold_in(key, index), stacked, rows or Rows(tau.shape[-1]))
     # magnitude: keep the k largest |values| of the tensor (of every layer's slice of a stacked leaf)
     rows = tau.reshape(tau.shape[0] if stacked else 1, -1)
     size = rows.shape[1]
@@ -396,13 +462,13 @@ def _combine(taus: Sequence[jax.Array], weights: jax.Array, recipe: MergeRecipe)
     return merged
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "stacked"))
+@functools.partial(jax.jit, static_argnames=("recipe", "stacked", "rows"))
 def _merge_leaf(base: jax.Array | None, models: tuple[jax.Array, ...], weights: jax.Array, key: jax.Array,
-                *, recipe: MergeRecipe, stacked: bool) -> jax.Array:
+                *, recipe: MergeRecipe, stacked: bool, rows: Rows | None) -> jax.Array:
     out_dtype = (base if base is not None else models[0]).dtype
     acc = _accumulation_dtype(out_dtype)
     taus = [m.astype(acc) - base.astype(acc) if base is not None else m.astype(acc) for m in models]
-    taus = [_sparsify(tau, i, recipe, key, stacked) for i, tau in enumerate(taus)]
+    taus = [_sparsify(tau, i, recipe, key, stacked, rows) for i, tau in enumerate(taus)]
     merged = _combine(taus, weights, recipe)
     if recipe.scale != 1.0:
         merged = merged * jnp.asarray(recipe.scale, acc)
@@ -421,15 +487,17 @@ def _place_like(value: jax.Array, reference: Any) -> jax.Array:
 
 def merge_leaves(
     recipe: MergeRecipe, base: jax.Array | None, models: Sequence[jax.Array], weights: Sequence[float],
-    key: jax.Array, *, stacked: bool = False,
+    key: jax.Array, *, stacked: bool = False, rows: Rows | None = None,
 ) -> jax.Array:
     """The generalized merge of one tensor: `base + scale * combine(sparsify(models - base))`.
 
     `base=None` merges the tensors themselves (no task vectors). `stacked`: the leading axis stacks
-    separate tensors (layers), sparsified one by one.
+    separate tensors (layers), sparsified one by one. `rows`: where the tensor's rows lie, for the methods
+    that work row by row (default: along the last axis).
     """
     w = jnp.asarray(np.asarray(weights, np.float32))
-    return _merge_leaf(base, tuple(models), w, key, recipe=recipe, stacked=stacked)
+    rows = rows if recipe.sparsify == "della" else None  # only della looks at rows: one compile for the rest
+    return _merge_leaf(base, tuple(models), w, key, recipe=recipe, stacked=stacked, rows=rows)
 
 
 # ------------------------------------------------------------------------------------ semantics 1: models
@@ -447,6 +515,7 @@ def full_model_recipe(
         sparsify=spec.sparsify, density=density if spec.sparsify else 1.0,
         consensus=majority_sign_method if spec.consensus else None, elect_on_weighted=True,
         divide_by="weights" if divide else None, keep_at_least_one=True, scale=float(scale), gamma=spec.gamma,
+        epsilon=spec.epsilon,
     )
 
 
@@ -515,7 +584,7 @@ def merge(
         stacked = stacked_key is not None and path_name.split("/")[0] == stacked_key
         merged = merge_leaves(recipe, base_leaves[path_name] if base_leaves is not None else None,
                               [leaves[path_name] for leaves in model_leaves], weights, leaf_key(key, path_name),
-                              stacked=stacked)
+                              stacked=stacked, rows=leaf_rows(path_name, ref_leaf.shape))
         out.append(_place_like(merged, ref_leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -489,6 +489,61 @@ def test_full_model_merge_equals_mergekit(tiny_models, tmp_path, ours, theirs, w
         assert rel_err(jax.tree.leaves(merged)[3], jax.tree.leaves(m)[3]) > 1e-2
 
 
+def test_della_keep_probabilities_by_hand():
+    # |row| = [3, 1, 2]: ranks 3, 1, 2 -> rank_norm 1, 0, 0.5 -> density - eps + rank_norm * 2 eps
+    got = merging.della_keep_probabilities(jnp.array([[3.0, -1.0, 2.0]]), density=0.5, epsilon=0.1)
+    np.testing.assert_allclose(np.asarray(got), [[0.6, 0.4, 0.5]], rtol=1e-6)
+    with pytest.raises(merging.MergeError, match="density - epsilon"):
+        merging.merge("della", {"w": jnp.zeros(4)}, [{"w": jnp.ones(4)}], density=0.1)  # 0.1 - 0.15 < 0
+
+
+def test_della_keeps_about_density_per_row_and_the_l1_norm():
+    rng = np.random.default_rng(0)
+    tau = rng.standard_normal((64, 2000)).astype(np.float32)  # stored as a kernel: HF rows are its columns
+    out = merging.merge("della", {"k": {"kernel": jnp.zeros_like(tau)}}, [{"k": {"kernel": jnp.asarray(tau)}}],
+                        density=0.3, seed=5)["k"]["kernel"]
+    kept = np.asarray(out) != 0
+    assert abs(kept.mean() - 0.3) < 0.01
+    # larger magnitudes are kept more often: within each HF row (a column of 64 here), 0.15 .. 0.45 by rank;
+    # the lowest quarter of ranks 0.186 on average, the highest 0.414
+    by_rank = np.take_along_axis(kept, np.argsort(np.abs(tau), axis=0), axis=0)
+    assert abs(by_rank[:16].mean() - 0.186) < 0.01 and abs(by_rank[-16:].mean() - 0.414) < 0.01
+    np.testing.assert_allclose(np.abs(np.asarray(out)).sum(), np.abs(tau).sum(), rtol=1e-5)  # L1 kept
+
+
+def test_della_equals_mergekit_given_the_same_draws(tiny_models, tmp_path, monkeypatch):
+    """mergekit's della with its Bernoulli draws replaced by one deterministic rule, and ours with the same
+    rule: equal tensor for tensor, through the pytree merge and the file-to-file engine. This checks the
+    keep probabilities (ranked along each Hugging Face row, also for kernels stored transposed), the L1
+    rescaling, the sign election and the normalisation; the draws themselves are JAX's."""
+    from jaxcollab.merge_checkpoints import merge_checkpoints
+
+    density, epsilon = 0.4, 0.15
+    threshold = density + 0.3137 * epsilon
+
+    def rule(probabilities):
+        return probabilities > threshold
+
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: rule(p).to(p.dtype))
+    monkeypatch.setattr(merging, "_keep", lambda key, p: rule(p))
+    jax.clear_caches()  # no merge traced with the real draws may be reused
+    try:
+        paths, params = tiny_models
+        weights = [1.0, 0.6]
+        reference = mergekit_merge(tmp_path / "mk", "della", paths[0], paths[1:3], weights, density)
+        merged = merging.merge("della", params[0], params[1:3], weights=weights, density=density)
+        merge_checkpoints("della", paths[0], paths[1:3], tmp_path / "engine", weights=weights, density=density,
+                          progress=False)
+        engine = model.load_hf(tmp_path / "engine")[1]
+    finally:
+        jax.clear_caches()
+    for (path, got), from_files, want in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(engine),
+                                             jax.tree.leaves(reference), strict=True):
+        assert rel_err(got, want) <= 1e-5, jax.tree_util.keystr(path)
+        assert rel_err(from_files, want) <= 1e-5, jax.tree_util.keystr(path)
+    assert rel_err(jax.tree.leaves(merged)[3], jax.tree.leaves(params[1])[3]) > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parity with PEFT's add_weighted_adapter (LoRA factors merged separately) followed by merge_and_unload.
 ADAPTER_SPECS = [  # (targets, r, alpha): different targets and scalings, one rank
