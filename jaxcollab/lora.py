@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,28 @@ def l2_penalty(adapter: LoraAdapter) -> jax.Array:
         optax.safe_norm(x.astype(jnp.float32), 0.0, axis=(1, 2)).sum() for x in jax.tree.leaves(adapter.weights)
     ]
     return jnp.sum(jnp.stack(norms))
+
+
+A_BANK = "a_bank"  # where an o-LoRA training's variables hold the A bank of the earlier rounds
+
+
+def _orthogonality_term(variables: dict) -> jax.Array:
+    adapter = variables.get("lora")
+    if adapter is None:
+        return jnp.zeros((), jnp.float32)
+    return orthogonality_penalty(adapter, variables.get(A_BANK))
+
+
+def _l2_term(variables: dict) -> jax.Array:
+    adapter = variables.get("lora")
+    return jnp.zeros((), jnp.float32) if adapter is None else l2_penalty(adapter)
+
+
+def olora_penalties(lam: float, lam2: float = 0.0) -> tuple[tuple[float, Callable[[dict], jax.Array]], ...]:
+    """o-LoRA's loss terms, for `train.TrainConfig(penalties=...)`: lam times the orthogonality of the
+    trained adapter (variables["lora"]) to the earlier rounds' A matrices (variables[A_BANK]), and lam2 times
+    the L2 norm of its factors (original O-LoRA). Terms of weight 0 are left out."""
+    return tuple((weight, term) for weight, term in ((lam, _orthogonality_term), (lam2, _l2_term)) if weight)
 
 
 def extend_a_bank(bank: dict | None, adapter: LoraAdapter) -> dict:

@@ -1,6 +1,8 @@
 """Training: one mask says what trains; a jitted, sharded step; a loop that checkpoints and resumes exactly.
 
-The model's variables are one tree, e.g. `{"params": base weights, "lora": LoraAdapter, "a_bank": ...}`.
+The model's variables are one tree, e.g. `{"params": base weights, "lora": LoraAdapter, "a_bank": ...}`;
+every `LoraAdapter` in it is applied (the trained one and any frozen ones), and `TrainConfig.penalties`
+are loss terms computed from it (o-LoRA's: `lora.olora_penalties`).
 A boolean tree of the same shape (`mask`) says which leaves train:
 
 - full fine-tuning: every leaf of "params" (`full_finetune_mask`),
@@ -14,8 +16,8 @@ state exists for trainable leaves only. FFT, LoRA, o-LoRA and router-only traini
 
 The loss is token cross-entropy on answer tokens (the batch's `loss_mask`, see the batch format below),
 normalised by the number of answer tokens in the whole effective batch (counted before gradient
-accumulation splits the batch into micro-batches, so their gradients simply add up), plus the o-LoRA
-penalties, plus for a mixture of experts the router load-balancing (and z-) losses averaged over
+accumulation splits the batch into micro-batches, so their gradients simply add up), plus the penalties
+(once per step), plus for a mixture of experts the router load-balancing (and z-) losses averaged over
 micro-batches. The step is jitted with the state donated. With `loss_chunk` set, the LM head and the
 cross-entropy run a chunk of positions at a time (`model.head_loss`), so the [B, T, V] logits of a long
 sequence and large vocabulary never exist at once.
@@ -86,8 +88,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    olora_lambda: float = 0.0  # weight of sum |A_new A_prev^T|
-    olora_lambda2: float = 0.0  # weight of sum ||new factor||_2 (original O-LoRA)
+    # Loss terms on the variables, added once per step: (weight, fn(variables) -> scalar) pairs, e.g.
+    # lora.olora_penalties(λ, λ2). The functions must be hashable (module-level): they key the compiled step.
+    penalties: tuple[tuple[float, Callable[[dict], jax.Array]], ...] = ()
     router_aux_coef: float = 0.1  # Mixtral load-balancing loss (mixtures of experts only)
     router_z_coef: float = 0.0  # router z-loss (mixtures of experts only)
     loss_chunk: int = 0  # positions per chunk of the LM head + cross-entropy; 0: the whole logits at once
@@ -194,19 +197,15 @@ def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Arr
 
 
 def _overlay(variables: dict) -> lora_lib.LoraAdapter | None:
-    adapters = [variables[k] for k in ("frozen_lora", "lora") if variables.get(k) is not None]
+    """Every LoRA adapter of the variables (trained or frozen), applied side by side, in key order."""
+    adapters = [v for _, v in sorted(variables.items()) if isinstance(v, lora_lib.LoraAdapter)]
     return lora_lib.concatenate(adapters) if adapters else None
 
 
 def _penalty(cfg: TrainConfig, variables: dict) -> jax.Array:
-    adapter = variables.get("lora")
     total = jnp.zeros((), jnp.float32)
-    if adapter is None:
-        return total
-    if cfg.olora_lambda:
-        total = total + cfg.olora_lambda * lora_lib.orthogonality_penalty(adapter, variables.get("a_bank"))
-    if cfg.olora_lambda2:
-        total = total + cfg.olora_lambda2 * lora_lib.l2_penalty(adapter)
+    for weight, term in cfg.penalties:
+        total = total + weight * term(variables)
     return total
 
 

@@ -174,7 +174,8 @@ def test_olora_penalty_falls_while_the_task_is_learned(tmp_path):
     tokens2, mask2 = lookup_task(seed=1)
     second = {**lora_variables(merged, rank=4, key=2), "a_bank": bank}
     assert float(lora.orthogonality_penalty(second["lora"], bank)) > 0
-    cfg = train.TrainConfig(learning_rate=1e-2, num_steps=150, olora_lambda=0.05, log_every=10, progress=False)
+    cfg = train.TrainConfig(learning_rate=1e-2, num_steps=150, penalties=lora.olora_penalties(0.05), log_every=10,
+                            progress=False)
     before = mean_loss(second, tokens2, mask2)
     trainer = train.Trainer(TINY, cfg, second, train.lora_mask(second), workdir=tmp_path)
     out = trainer.fit(sampler(tokens2, mask2))
@@ -193,7 +194,8 @@ def test_olora_frozen_mode_trains_only_the_new_adapter():
     old = old.replace(weights=jax.tree.map(lambda x: x + 0.05, old.weights))  # nonzero B: a real earlier adapter
     new = lora_variables(base, rank=2, key=4)["lora"]
     variables = {"params": base, "frozen_lora": old, "lora": new, "a_bank": lora.extend_a_bank(None, old)}
-    cfg = train.TrainConfig(learning_rate=1e-2, num_steps=20, olora_lambda=0.1, olora_lambda2=0.01, progress=False)
+    cfg = train.TrainConfig(learning_rate=1e-2, num_steps=20, penalties=lora.olora_penalties(0.1, 0.01),
+                            progress=False)
     out = train.Trainer(TINY, cfg, variables, train.lora_mask(variables)).fit(sampler(tokens, mask))
     for a, b in zip(jax.tree.leaves(out["frozen_lora"]), jax.tree.leaves(old), strict=True):
         assert np.array_equal(a, b)

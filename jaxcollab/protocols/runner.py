@@ -474,10 +474,10 @@ class Runner:
             earlier = [self.adapter(h.adapter_dir) for h in previous]
             for adapter in earlier:
                 bank = lora_lib.extend_a_bank(bank, adapter)
-            variables["a_bank"] = bank
+            variables[lora_lib.A_BANK] = bank
             if frozen_mode:
-                variables["frozen_lora"] = lora_lib.concatenate(earlier)
-            extra = {"olora_lambda": olora["lambda"], "olora_lambda2": olora.get("lambda2", 0.0)}
+                variables["frozen_lora"] = lora_lib.concatenate(earlier)  # applied with the trained one
+            extra = {"penalties": lora_lib.olora_penalties(olora["lambda"], olora.get("lambda2", 0.0))}
         out = self._fit(key, variables, train_lib.lora_mask(variables), self.examples(data), settings,
                         section="lora", data=data, desc=key, **extra)
         if self.writer:
