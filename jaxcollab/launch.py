@@ -95,7 +95,7 @@ def run(config: ConfigDict, workdir: str | Path | None = None, dry_run: bool = F
     from tqdm.auto import tqdm
 
     from jaxcollab.atomic import atomic_file
-    from jaxcollab.protocols import Runner, plan_experiment, run_experiment, strategy_names, validate
+    from jaxcollab.experiments import Runner, plan_experiment, run_experiment, strategy_names, validate
     from jaxcollab.provenance import provenance
     from jaxcollab.report import write_report
 

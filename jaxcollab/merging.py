@@ -107,8 +107,7 @@ class FullModelMethod:
     fraction of largest magnitudes dropped, then the smallest, down to `density`) or "della" (DELLA's
     MagPrune: in each row of the tensor, entry kept with probability density - epsilon .. density + epsilon
     rising with its magnitude's rank; the kept rescaled to the tensor's L1 norm). consensus: TIES's sign
-    election. normalize: divide by the (agreeing) weights unless the caller says otherwise. needs_base:
-    False only for `average`, which merges the models themselves.
+    election. normalize: divide by the (agreeing) weights unless the caller says otherwise.
     """
 
     sparsify: Sparsify = None
@@ -116,12 +115,11 @@ class FullModelMethod:
     normalize: bool = False
     gamma: float = 0.0
     epsilon: float = 0.0
-    needs_base: bool = True
 
 
 # The full-model methods. A new one is one entry here (and a reference test against mergekit).
 FULL_MODEL_METHODS: dict[str, FullModelMethod] = {
-    "average": FullModelMethod(normalize=True, needs_base=False),
+    "average": FullModelMethod(normalize=True),  # of the models themselves: no base (see `merge`)
     "task_arithmetic": FullModelMethod(),
     "ties": FullModelMethod("magnitude", consensus=True, normalize=True),
     "dare_linear": FullModelMethod("random"),
@@ -147,9 +145,10 @@ class MergeRecipe:
     """One point of the generalized task-arithmetic merge (see the module docstring).
 
     sparsify: None, "magnitude" (top-k by |value| per tensor), "random" (DARE: keep with probability
-    `density`, divide the kept by `density`) or "outliers" (Model Breadcrumbs: of the entries sorted by
-    |value|, keep int(density n) just below the top int(gamma n), fewer dropped at the top if needed).
-    consensus: None or the sign election, "total" (sign of the sum) or "frequency" (majority of signs).
+    `density`, divide the kept by `density`), "outliers" (Model Breadcrumbs: of the entries sorted by
+    |value|, keep int(density n) just below the top int(gamma n), fewer dropped at the top if needed) or
+    "della" (see `FullModelMethod`). consensus: None or the sign election, "total" (sign of the sum) or
+    "frequency" (majority of signs).
     elect_on_weighted: elect and mask on w_i tau_i (mergekit) or on tau_i (PEFT). divide_by: None
     (weighted sum), "weights" (sum of the weights of the agreeing entries, or of all weights without
     consensus; mergekit's normalize) or "count" (number of agreeing entries; PEFT's disjoint merge).
@@ -302,14 +301,14 @@ def _keep(key: jax.Array, probabilities: jax.Array) -> jax.Array:
     return jax.random.bernoulli(key, probabilities)
 
 
-def _della(tau: jax.Array, recipe: MergeRecipe, key: jax.Array, stacked: bool, rows: Rows) -> jax.Array:
+def _della(tau: jax.Array, recipe: MergeRecipe, key: jax.Array, stacked: bool, layout: Rows) -> jax.Array:
     """DELLA's MagPrune on one task tensor (each layer slice of a stacked leaf is one tensor): entries kept
     with their rank's probability, the kept rescaled so each tensor keeps its L1 norm (mergekit)."""
-    view = jnp.swapaxes(tau, -1, -2) if rows.transposed else tau
-    flat = view.reshape(-1, rows.length)
+    view = jnp.swapaxes(tau, -1, -2) if layout.transposed else tau
+    flat = view.reshape(-1, layout.length)
     probabilities = della_keep_probabilities(flat.astype(jnp.float32), recipe.density, recipe.epsilon)
     kept = jnp.where(_keep(key, probabilities), flat, jnp.zeros((), tau.dtype)).reshape(view.shape)
-    kept = jnp.swapaxes(kept, -1, -2) if rows.transposed else kept
+    kept = jnp.swapaxes(kept, -1, -2) if layout.transposed else kept
     tensors = tau.shape[0] if stacked else 1
     before = jnp.sum(jnp.abs(tau.reshape(tensors, -1)), axis=1)
     after = jnp.sum(jnp.abs(kept.reshape(tensors, -1)), axis=1)
@@ -319,7 +318,7 @@ def _della(tau: jax.Array, recipe: MergeRecipe, key: jax.Array, stacked: bool, r
 
 
 def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, stacked: bool,
-              rows: Rows | None) -> jax.Array:
+              layout: Rows | None) -> jax.Array:
     """Model `index`'s task tensor, sparsified as a whole (or layer slice by layer slice when `stacked`)."""
     if recipe.sparsify is None or recipe.density >= 1.0:
         return tau
@@ -327,7 +326,7 @@ def _sparsify(tau: jax.Array, index: int, recipe: MergeRecipe, key: jax.Array, s
         keep = jax.random.bernoulli(jax.random.fold_in(key, index), recipe.density, tau.shape)
         return jnp.where(keep, tau / jnp.asarray(recipe.density, tau.dtype), jnp.zeros((), tau.dtype))
     if recipe.sparsify == "della":
-        return _della(tau, recipe, jax.random.fold_in(key, index), stacked, rows or Rows(tau.shape[-1]))
+        return _della(tau, recipe, jax.random.fold_in(key, index), stacked, layout or Rows(tau.shape[-1]))
     # magnitude: keep the k largest |values| of the tensor (of every layer's slice of a stacked leaf)
     rows = tau.reshape(tau.shape[0] if stacked else 1, -1)
     size = rows.shape[1]
@@ -462,13 +461,13 @@ def _combine(taus: Sequence[jax.Array], weights: jax.Array, recipe: MergeRecipe)
     return merged
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "stacked", "rows"))
+@functools.partial(jax.jit, static_argnames=("recipe", "stacked", "layout"))
 def _merge_leaf(base: jax.Array | None, models: tuple[jax.Array, ...], weights: jax.Array, key: jax.Array,
-                *, recipe: MergeRecipe, stacked: bool, rows: Rows | None) -> jax.Array:
+                *, recipe: MergeRecipe, stacked: bool, layout: Rows | None) -> jax.Array:
     out_dtype = (base if base is not None else models[0]).dtype
     acc = _accumulation_dtype(out_dtype)
     taus = [m.astype(acc) - base.astype(acc) if base is not None else m.astype(acc) for m in models]
-    taus = [_sparsify(tau, i, recipe, key, stacked, rows) for i, tau in enumerate(taus)]
+    taus = [_sparsify(tau, i, recipe, key, stacked, layout) for i, tau in enumerate(taus)]
     merged = _combine(taus, weights, recipe)
     if recipe.scale != 1.0:
         merged = merged * jnp.asarray(recipe.scale, acc)
@@ -496,8 +495,8 @@ def merge_leaves(
     that work row by row (default: along the last axis).
     """
     w = jnp.asarray(np.asarray(weights, np.float32))
-    rows = rows if recipe.sparsify == "della" else None  # only della looks at rows: one compile for the rest
-    return _merge_leaf(base, tuple(models), w, key, recipe=recipe, stacked=stacked, rows=rows)
+    layout = rows if recipe.sparsify == "della" else None  # only della looks at rows: one compile for the rest
+    return _merge_leaf(base, tuple(models), w, key, recipe=recipe, stacked=stacked, layout=layout)
 
 
 # ------------------------------------------------------------------------------------ semantics 1: models

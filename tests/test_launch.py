@@ -11,7 +11,7 @@ import pytest
 from trace_root import TRACE_ROOT
 
 from jaxcollab import launch
-from jaxcollab.protocols import ExperimentConfigError, experiment_config, registry, validate
+from jaxcollab.experiments import ExperimentConfigError, experiment_config, registry, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {  # a reduced embedded config: a small model, two rounds of 16 facts, few steps
@@ -99,7 +99,7 @@ def test_trace_variant_without_trace_root_fails_at_once(monkeypatch):
 
 
 def test_olora_lambdas_expand_into_one_strategy_each():
-    from jaxcollab.protocols import strategy_names
+    from jaxcollab.experiments import strategy_names
 
     config = experiment_config("semi")
     config.strategies = "seq_lora,olora"
@@ -221,7 +221,7 @@ def test_router_training_and_frozen_olora_with_several_lambdas(tmp_path):
 
 
 PLUGIN = '''
-from jaxcollab.protocols import strategy
+from jaxcollab.experiments import strategy
 
 
 @strategy("lora_from_base", setting="semi")

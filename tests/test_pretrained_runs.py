@@ -10,7 +10,7 @@ import pytest
 from trace_root import TRACE_ROOT
 
 from jaxcollab import launch
-from jaxcollab.protocols import ExperimentConfigError, Runner, experiment_config, validate
+from jaxcollab.experiments import ExperimentConfigError, Runner, experiment_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 REDUCED = {"data.num_rounds": 2, "data.facts_per_domain": 4, "lora.epochs": 1.0, "fft.epochs": 1.0,
@@ -110,7 +110,7 @@ def test_smollm2_semi_reduced_end_to_end_and_resumable(smollm2_gguf, tmp_path, c
         selection = old_measures.known_questions(*args, **kwargs)
         return dataclasses.replace(selection, confident=len(selection.positions))
 
-    monkeypatch.setattr("jaxcollab.protocols.runner.known_questions", informative)
+    monkeypatch.setattr("jaxcollab.experiments.runner.known_questions", informative)
     config = configured("semi", "smollm2", strategies="seq_lora,avg_lora",
                         **{"eval.old": "mmlu_text,mmlu_cloze,mmlu_known", "eval.old_known_pool": 12,
                            "eval.old_known_margin": 0.05})
@@ -149,7 +149,7 @@ def test_smollm2_semi_reduced_end_to_end_and_resumable(smollm2_gguf, tmp_path, c
 
     monkeypatch.setattr(train.Trainer, "fit", refuse)
     monkeypatch.setattr(convert, "convert_gguf", refuse)
-    monkeypatch.setattr("jaxcollab.protocols.runner.evaluate_old_knowledge", refuse)
+    monkeypatch.setattr("jaxcollab.experiments.runner.evaluate_old_knowledge", refuse)
     again = json.loads(launch.run(config, tmp_path).read_text())
     for name, s in again["strategies"].items():
         first = results["strategies"][name]

@@ -5,10 +5,10 @@
         --config.data.trace_root=... --config.data.metamath_file=...
 
 Strategies: joint_fft, joint_lora, replay_fft, replay_lora (replay weight --config.replay.w_hist, 0.1 by
-default). Every key and its meaning: jaxcollab/protocols/config.py.
+default). Every key and its meaning: jaxcollab/experiments/config.py.
 """
 
-from jaxcollab.protocols.config import experiment_config
+from jaxcollab.experiments.config import experiment_config
 
 
 def get_config(variant=None):

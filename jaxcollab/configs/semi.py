@@ -8,10 +8,10 @@
 
 Strategies: seq_fft, seq_lora, olora, avg_fft, avg_lora, ties_lora, dare_ties_lora, moe_gateless,
 moe_noisy (default) and moe_router; pick some with --config.strategies=seq_lora,olora. Every key and its
-meaning: jaxcollab/protocols/config.py.
+meaning: jaxcollab/experiments/config.py.
 """
 
-from jaxcollab.protocols.config import experiment_config
+from jaxcollab.experiments.config import experiment_config
 
 
 def get_config(variant=None):

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from jaxcollab.protocols.lab import Lab
-from jaxcollab.protocols.registry import strategy
-from jaxcollab.protocols.runner import ModelHandle
+from jaxcollab.experiments.lab import Lab
+from jaxcollab.experiments.registry import strategy
+from jaxcollab.experiments.runner import ModelHandle
 
 
 def joint(lab: Lab, method: str, j: int) -> ModelHandle:

@@ -49,8 +49,8 @@ from jaxcollab.evaluation.knowledge import summarize
 from jaxcollab.evaluation.loglik import load_multiple_choice_jsonl, multiple_choice
 from jaxcollab.evaluation.old_measures import KnownQuestions, evaluate_old_knowledge, known_questions
 from jaxcollab.evaluation.stats import paired_difference_ci
+from jaxcollab.experiments.config import TRACE_EPOCHS, ExperimentConfigError, is_pretrained, old_measures
 from jaxcollab.pretrained import PretrainedSourceError, pretrained_directory
-from jaxcollab.protocols.config import TRACE_EPOCHS, ExperimentConfigError, is_pretrained, old_measures
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ModelHandle:
     """A model of the experiment: its key, config, and how to get its parameters (lazily).
 
     For a LoRA fine-tuning, `adapter_dir` holds the round's adapter and `start` the model it was trained
-    on; its parameters are the start's with the adapter merged in.
+    on; its parameters are the start's with the adapter folded in.
     """
 
     key: str

@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from jaxcollab.protocols import full, registry, semi  # noqa: F401  (semi, full register the built-ins)
-from jaxcollab.protocols.config import (
+from jaxcollab.experiments import full, registry, semi  # noqa: F401  (semi, full register the built-ins)
+from jaxcollab.experiments.config import (
     ExperimentConfigError,
     experiment_config,
     old_measures,
     strategy_names,
     validate,
 )
-from jaxcollab.protocols.lab import Lab, OLoraPenalty
-from jaxcollab.protocols.registry import StrategyError, strategy, strategy_family
-from jaxcollab.protocols.runner import DataSpec, ModelHandle, Runner
+from jaxcollab.experiments.lab import Lab, OLoraPenalty
+from jaxcollab.experiments.registry import StrategyError, strategy, strategy_family
+from jaxcollab.experiments.runner import DataSpec, ModelHandle, Runner
 
 
 def run_experiment(runner: Runner, on_strategy: Callable[[str, dict], None] | None = None,

@@ -44,12 +44,12 @@ import ml_collections
 
 from jaxcollab.data.synthetic import TEST_TEMPLATES
 from jaxcollab.data.tasks import PAPER_TASK_ORDER
-from jaxcollab.protocols import registry
+from jaxcollab.experiments import registry
 
 VARIANTS = ("embedded", "tiny_trace", "smollm2", "smollm2_trace", "llama3_8b_trace")
 SETTINGS = ("semi", "full")
 MODEL_SOURCES = ("scratch", "pretrained", "hf")  # "hf": the name older configs use for "pretrained"
-# What runs when config.strategies is not given: every built-in strategy (protocols/semi.py, full.py) but
+# What runs when config.strategies is not given: every built-in strategy (experiments/semi.py, full.py) but
 # moe_router, which trains routers on top of moe_noisy's mixtures.
 DEFAULT_STRATEGIES = {
     "semi": "seq_fft,seq_lora,olora,avg_fft,avg_lora,ties_lora,dare_ties_lora,moe_gateless,moe_noisy",
@@ -93,7 +93,7 @@ def experiment_config(setting: str, variant: str | None = None) -> ml_collection
     c.seed = 0
     c.strategies = DEFAULT_STRATEGIES[setting]  # comma-separated names of registered strategies
     # Comma-separated modules imported before the run; they may register strategies of their own with
-    # @jaxcollab.protocols.strategy(name, setting=...) (see protocols/registry.py), named in strategies.
+    # @jaxcollab.experiments.strategy(name, setting=...) (see experiments/registry.py), named in strategies.
     c.plugins = ""
 
     # The model: "scratch" builds a tiny Llama and pre-trains it on data.old_task (cached in the workdir);

@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxcollab import lora as lora_lib
 from jaxcollab import merging, moe
-from jaxcollab.protocols.runner import DataSpec, ModelHandle, Runner
+from jaxcollab.experiments.runner import DataSpec, ModelHandle, Runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Lab:
     # --------------------------------------------------------------------------------------- training
     def train(self, start: ModelHandle, data: DataSpec, method: str, *, label: str = "",
               olora: OLoraPenalty | None = None) -> ModelHandle:
-        """`start` trained on `data` with `method`: fft, lora (an adapter merged into the weights) or router
+        """`start` trained on `data` with `method`: fft, lora (an adapter, folded into the weights) or router
         (a mixture's routers only). `label` names the artifact; the same label, start, data and settings
         give the same model."""
         spec = None

@@ -3,7 +3,7 @@
 Each strategy maps a round j (1-based) to the model it has after that round:
 
 - `seq_fft`: full fine-tuning of the previous round's model on task j.
-- `seq_lora`: a new LoRA adapter on the previous round's model, merged into the weights after the round.
+- `seq_lora`: a new LoRA adapter on the previous round's model, folded into the weights after the round.
 - `olora` (`olora_<λ>` for several λ): sequential LoRA with the orthogonality penalty against the A
   matrices of all earlier rounds (λ = 0 in round 1); `merged` mode (the paper) merges each adapter,
   `frozen` mode (original O-LoRA) keeps earlier adapters as frozen overlays on the base.
@@ -15,7 +15,7 @@ Each strategy maps a round j (1-based) to the model it has after that round:
   each ingredient's MLP an expert): a uniform average of all experts, or a noisy top-k router.
 - `moe_router`: `moe_noisy`'s mixture with its routers trained on round j's data only.
 
-Each strategy is a function `(lab, j) -> ModelHandle` registered by name (`protocols.registry`); a user's
+Each strategy is a function `(lab, j) -> ModelHandle` registered by name (`experiments.registry`); a user's
 module adds more the same way. Ingredients are trained once and shared by every strategy that uses them.
 Round 1 of every strategy is the ingredient of task 1: the sequential ones start from it, and the combining
 ones (averaging, TIES, DARE, mixtures) have nothing to combine yet (a top-k mixture cannot be built from
@@ -24,10 +24,10 @@ one model).
 
 from __future__ import annotations
 
-from jaxcollab.protocols.config import olora_lambdas
-from jaxcollab.protocols.lab import Lab, OLoraPenalty
-from jaxcollab.protocols.registry import strategy, strategy_family
-from jaxcollab.protocols.runner import ModelHandle
+from jaxcollab.experiments.config import olora_lambdas
+from jaxcollab.experiments.lab import Lab, OLoraPenalty
+from jaxcollab.experiments.registry import strategy, strategy_family
+from jaxcollab.experiments.runner import ModelHandle
 
 
 def ingredient(lab: Lab, method: str, i: int) -> ModelHandle:

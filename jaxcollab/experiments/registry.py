@@ -3,7 +3,7 @@
 A strategy is a function `(lab, j) -> ModelHandle`: the model it has after round j (1-based), built with
 the `Lab` it is given (`lab.base()` is the base's handle). Register one with the decorator:
 
-    from jaxcollab.protocols import strategy
+    from jaxcollab.experiments import strategy
 
     @strategy("lora_from_base", setting="semi")
     def lora_from_base(lab, j):
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jaxcollab.protocols.lab import Lab
-    from jaxcollab.protocols.runner import ModelHandle
+    from jaxcollab.experiments.lab import Lab
+    from jaxcollab.experiments.runner import ModelHandle
 
 StrategyFn = Callable[["Lab", int], "ModelHandle"]
 SETTINGS = ("semi", "full")
